@@ -1,0 +1,131 @@
+"""Public BLV loss: the functional entry point with backend choice, and the ``nn.Module``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .prior import class_weights
+
+__all__ = ["blv_cross_entropy", "BLVLoss", "BACKENDS"]
+
+BACKENDS = ("auto", "reference")
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh 63-bit seed drawn on ``device`` from PyTorch's generator, as a 0-dim int64 tensor.
+
+    Drawn on the device, so there is no host sync, and a captured CUDA graph draws a new one
+    on every replay.
+    """
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
+
+
+def _blv_loss(
+    logits, target, variation_weight, sigma, *, seed, offset, mode, weight, ignore_index, reduction,
+    variation, position_weight, generator, backend,
+):  # fmt: skip
+    """Dispatch to a backend once the variation weights are known (shared by function and module)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if seed is None and variation is None and sigma > 0:
+        seed = draw_seed(logits.device, generator)
+    return reference.blv_cross_entropy_from_weights(
+        logits, target, variation_weight, sigma, seed=seed, offset=offset, mode=mode, weight=weight,
+        ignore_index=ignore_index, reduction=reduction, variation=variation, position_weight=position_weight,
+    )  # fmt: skip
+
+
+def blv_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_counts,
+    sigma: float = 6.0,
+    *,
+    seed=None,
+    offset: int = 0,
+    mode: str = "abs",
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    variation: torch.Tensor | None = None,
+    position_weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """BLV loss, a drop-in for ``F.cross_entropy`` during training.
+
+    Computes ``F.cross_entropy(logits + v * w[c], target, weight, ignore_index, reduction)``
+    with ``w = class_weights(class_counts)`` and ``v`` the variation stream of
+    :func:`blv_kernels.variation`; the arguments are those of
+    :func:`blv_kernels.reference.blv_cross_entropy`, plus:
+
+    Args:
+        seed: an int in [0, 2**64) or a one-element integer tensor. ``None`` (default) draws a
+            fresh seed from PyTorch's generator for the logits' device (or ``generator``), so
+            ``torch.manual_seed`` makes runs reproducible and each call draws new noise.
+        generator: the ``torch.Generator`` to draw the seed from when ``seed`` is None.
+        backend: ``"auto"`` picks the fastest available implementation; ``"reference"`` is
+            the plain-PyTorch one.
+    """
+    return _blv_loss(
+        logits, target, reference.variation_weights_for(class_counts, logits, target), sigma, seed=seed, offset=offset,
+        mode=mode, weight=weight, ignore_index=ignore_index, reduction=reduction, variation=variation,
+        position_weight=position_weight, generator=generator, backend=backend,
+    )  # fmt: skip
+
+
+class BLVLoss(nn.Module):
+    """BLV cross-entropy while training, plain cross-entropy in ``eval()`` (like dropout).
+
+    The variation weights ``w_c`` live in the buffer ``variation_weight`` (they follow
+    ``.to(device)`` and the state dict); :meth:`set_class_counts` replaces them when the class
+    counts are re-estimated. ``sigma`` is a plain attribute, so a schedule may set it per step.
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        sigma: float = 6.0,
+        *,
+        mode: str = "abs",
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        smoothing: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.register_buffer("variation_weight", class_weights(class_counts, smoothing=smoothing))
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.sigma = sigma
+        self.mode = mode
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def set_class_counts(self, class_counts, *, smoothing: float = 0.0) -> None:
+        """Replace the variation weights in place (same device, same number of classes)."""
+        w = class_weights(class_counts, smoothing=smoothing)
+        if w.shape != self.variation_weight.shape:
+            raise ValueError(f"expected {self.variation_weight.numel()} class counts, got {w.numel()}")
+        self.variation_weight.copy_(w)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, *, seed=None) -> torch.Tensor:
+        if not self.training:
+            return F.cross_entropy(
+                logits, target.long(), weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+            )
+        return _blv_loss(
+            logits, target, self.variation_weight, self.sigma, seed=seed, offset=0, mode=self.mode,
+            weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction, variation=None,
+            position_weight=None, generator=None, backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.variation_weight.numel()}, sigma={self.sigma}, mode={self.mode!r}, "
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,171 @@
+"""The variation stream: Philox words, the word -> v transform, reproducibility, distribution."""
+
+import math
+
+import pytest
+import torch
+from scipy import special, stats
+
+from blv_kernels import noise, variation
+
+
+def test_philox_known_answer():
+    # Random123's known-answer test for Philox4x32-10 (kat_vectors): counter 0, key 0.
+    words = noise.philox4x32(torch.tensor(0), torch.tensor(0), 0, 0, 0)
+    assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    # counter all ones, key all ones.
+    ones = torch.tensor(0xFFFFFFFF)
+    words = noise.philox4x32(torch.tensor(-1), ones, ones, ones, ones)
+    assert [int(w) for w in words] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+def test_philox_matches_triton_bit_for_bit(rng):
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def philox_words(seed_ptr, c0_ptr, c1_ptr, c2_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        m = o < n
+        c0 = tl.load(c0_ptr + o, mask=m).to(tl.uint32)
+        c1 = tl.load(c1_ptr + o, mask=m).to(tl.uint32)
+        c2 = tl.load(c2_ptr + o, mask=m).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), c0, c1, c2, tl.zeros_like(c0))
+        tl.store(out_ptr + 4 * o, r0.to(tl.int64), mask=m)
+        tl.store(out_ptr + 4 * o + 1, r1.to(tl.int64), mask=m)
+        tl.store(out_ptr + 4 * o + 2, r2.to(tl.int64), mask=m)
+        tl.store(out_ptr + 4 * o + 3, r3.to(tl.int64), mask=m)
+
+    n = 100
+    # Positions q around 2**32 and 2**40 (hi32(q) != 0), class groups, seeds over all 64 bits.
+    q = torch.cat([2**32 - 50 + torch.arange(n // 2), 2**40 + torch.randint(0, 2**31, (n // 2,), generator=rng)])
+    g = torch.randint(0, 2048, (n,), generator=rng)
+    for seed in [
+        int(torch.randint(0, 2**62, (), generator=rng)),
+        2**64 - 1 - int(torch.randint(0, 99, (), generator=rng)),
+    ]:
+        key = noise.seed_tensor(seed, "cpu")
+        tri = torch.full((4 * n,), -1, dtype=torch.int64)  # poisoned
+        philox_words[(1,)](key, q & noise.MASK32, q >> 32, g, tri, n, BLOCK=128)
+        ref = torch.stack(noise.philox4x32(key, q & noise.MASK32, q >> 32, g, 0), dim=-1).reshape(-1)
+        assert torch.equal(tri, ref)
+
+
+def test_erfinv_approximations_within_float32_rounding():
+    t = torch.linspace(0, noise.ERFINV_POLY_MAX, 200_001, dtype=torch.float32)
+    exact = torch.erfinv(t.double())
+    rel = lambda approx: ((approx.double() - exact).abs() / exact.clamp_min(1e-30)).max().item()
+    assert rel(noise.erfinv_poly(t)) < 2.5 * 2**-24 * 2  # a couple of float32 ulps
+    t = torch.cat([t, torch.linspace(0.7, 1 - 2**-24, 200_001)])
+    exact = torch.erfinv(t.double())
+    assert rel(noise.erfinv_giles(t)) < 8 * 2**-24
+
+
+def _elements(shape):
+    n, c, s = shape[0], shape[1], math.prod(shape[2:])
+    return n, c, s
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (2, 5, 3, 4), (1, 9, 2, 3, 2)], ids=["NC", "NCHW", "NCDHW"])
+def test_stream_reproducible_and_regenerates_elementwise(shape, rng):
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    offset = int(torch.randint(0, 2**40, (), generator=rng))
+    v = variation(shape, 4.0, seed=seed, offset=offset)
+    assert v.dtype == torch.float32 and v.shape == shape
+    assert torch.equal(v, variation(shape, 4.0, seed=seed, offset=offset))
+    n, c, s = _elements(shape)
+    flat = v.reshape(n, c, s)
+    for _ in range(6):
+        i, k, j = (int(torch.randint(0, m, (), generator=rng)) for m in (n, c, s))
+        alone = variation((1, c, 1), 4.0, seed=seed, offset=offset + i * s + j)
+        assert alone[0, k, 0] == flat[i, k, j]
+
+
+def test_seeds_and_offsets_give_independent_streams(rng):
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    shape = (4, 8, 64)
+    base = variation(shape, 1.0, seed=seed)
+    other_seed = variation(shape, 1.0, seed=seed + 1)
+    other_offset = variation(shape, 1.0, seed=seed, offset=shape[0] * shape[2])
+    for other in (other_seed, other_offset):
+        assert not torch.equal(base, other)
+        # independent draws: correlation of the continuous values near 0
+        r = torch.corrcoef(torch.stack([base.flatten(), other.flatten()]))[0, 1]
+        assert abs(r) < 0.1
+    # an offset continues the stream: positions [S, 2S) of seed equal positions [0, S) at offset S
+    two = variation((2, 8, 64), 1.0, seed=seed)
+    assert torch.equal(two[1], variation((1, 8, 64), 1.0, seed=seed, offset=64)[0])
+
+
+def test_offset_above_2_32_does_not_repeat(rng):
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    low = variation((1, 8, 16), 1.0, seed=seed, offset=5)
+    high = variation((1, 8, 16), 1.0, seed=seed, offset=5 + 2**32)
+    assert not torch.equal(low, high)
+
+
+def test_seed_tensor_equals_int_seed(rng):
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    as_int = variation((2, 6, 5), 6.0, seed=seed)
+    as_tensor = variation((2, 6, 5), 6.0, seed=torch.tensor(seed))
+    assert torch.equal(as_int, as_tensor)
+    # seeds above 2**63 are their 64-bit pattern
+    assert torch.equal(variation((2, 6), 6.0, seed=2**64 - 3), variation((2, 6), 6.0, seed=torch.tensor(-3)))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0, 6.0])
+@pytest.mark.parametrize("mode", ["abs", "clamp"])
+def test_distribution_matches_analytic(sigma, mode):
+    # Fixed seeds: a deterministic check of the stream, not a flaky statistical one.
+    v = variation((8, 101, 500), sigma, seed=20230613 + int(sigma), mode=mode).flatten().double()
+    n = v.numel()
+    a = math.erf(1 / (sigma * math.sqrt(2)))  # P(|eps| < 1)
+    p_one = 1 - a if mode == "abs" else (1 - a) / 2
+    p_zero = 0.0 if mode == "abs" else 0.5
+    for observed, p in [((v == 1).sum().item(), p_one), ((v == 0).sum().item(), p_zero)]:
+        assert abs(observed - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1e-9
+    inner = v[(v > 0) & (v < 1)].numpy()
+    # |eps| given |eps| < 1 (abs) and eps given 0 < eps < 1 (clamp) share this CDF:
+    cdf = lambda x: special.erf(x / (sigma * math.sqrt(2))) / a
+    assert stats.kstest(inner, cdf).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.9, 1.0, 6.0])
+def test_transform_boundaries(sigma, rng):
+    # Both erfinv paths (polynomial for sigma >= 0.962, Giles below) stay in [0, 1], are
+    # monotone in the word, and hit exactly 1 at and above the threshold.
+    params = noise.variation_params(sigma, "abs")
+    assert params.use_poly == (sigma >= 1.0)
+    words = torch.sort(torch.randint(0, 2**32, (50_000,), generator=rng)).values
+    v = noise.variation_from_words(words, params)
+    assert (v >= 0).all() and (v <= 1).all()
+    assert (v.diff() >= 0).all()
+    u = (words >> 8).float() * 2**-24
+    assert ((u >= params.threshold) <= (v == 1)).all()
+
+
+def test_sigma_zero_gives_zero_variation():
+    assert torch.equal(variation((2, 5, 7), 0.0, seed=3), torch.zeros(2, 5, 7))
+    assert torch.equal(variation((2, 5, 7), 0.0, seed=3, mode="clamp"), torch.zeros(2, 5, 7))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"shape": (5,)}, ValueError, "at least 2"),
+        ({"sigma": -1.0}, ValueError, "sigma"),
+        ({"sigma": float("nan")}, ValueError, "sigma"),
+        ({"mode": "gauss"}, ValueError, "mode"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"seed": torch.tensor([1.0])}, TypeError, "seed"),
+        ({"offset": -3}, ValueError, "offset"),
+    ],
+    ids=["1d-shape", "negative-sigma", "nan-sigma", "mode", "negative-seed", "big-seed", "float-seed",
+         "float-seed-tensor", "negative-offset"],
+)  # fmt: skip
+def test_bad_arguments(kwargs, error, match):
+    args = {"shape": (2, 3), "sigma": 1.0, "seed": 0, **kwargs}
+    with pytest.raises(error, match=match):
+        variation(args.pop("shape"), args.pop("sigma"), **args)

@@ -1,0 +1,68 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from blv_kernels import class_weights
+
+
+def test_formula_on_random_counts(rng):
+    counts = torch.randint(1, 10**9, (19,), generator=rng, dtype=torch.int64)
+    n = counts.double()
+    f = math.log(n.sum()) - n.log()
+    expected = (f / f.max()).float()
+    torch.testing.assert_close(class_weights(counts), expected)
+    w = class_weights(counts)
+    assert w.dtype == torch.float32 and w.shape == (19,)
+    assert w[counts.argmin()] == 1.0 and w.min() == w[counts.argmax()]
+
+
+@pytest.mark.parametrize("kind", ["list", "numpy", "tensor", "float-tensor"])
+def test_accepts_lists_arrays_tensors(kind, rng):
+    counts = torch.randint(1, 1000, (7,), generator=rng).tolist()
+    converted = {
+        "list": counts,
+        "numpy": np.asarray(counts),
+        "tensor": torch.tensor(counts),
+        "float-tensor": torch.tensor(counts, dtype=torch.float32),
+    }[kind]
+    torch.testing.assert_close(class_weights(converted), class_weights(counts))
+
+
+def test_zero_count_rejected_unless_smoothing():
+    with pytest.raises(ValueError, match=r"zero count for class\(es\) \[1\].*smoothing"):
+        class_weights([10, 0, 5])
+    w = class_weights([10, 0, 5], smoothing=1.0)
+    assert torch.isfinite(w).all() and w[1] == 1.0
+
+
+@pytest.mark.parametrize("counts", [[42], [7, 7, 7, 7]], ids=["one-class", "uniform"])
+def test_degenerate_prior_gives_no_nan(counts):
+    w = class_weights(counts)
+    assert not torch.isnan(w).any()
+    if len(counts) == 1:
+        assert torch.equal(w, torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    "counts, error, match",
+    [
+        ([1, -2, 3], ValueError, "non-negative, class 1"),
+        ([1, float("inf")], ValueError, "finite"),
+        ([1, float("nan")], ValueError, "finite"),
+        ([], ValueError, "non-empty"),
+        ([[1, 2], [3, 4]], ValueError, "1-D"),
+        ("abc", TypeError, "class_counts"),
+        (["a", "b"], TypeError, "numbers"),
+    ],
+    ids=["negative", "inf", "nan", "empty", "2d", "string", "non-numeric"],
+)
+def test_bad_counts(counts, error, match):
+    with pytest.raises(error, match=match):
+        class_weights(counts)
+
+
+def test_bad_smoothing():
+    with pytest.raises(ValueError, match="smoothing"):
+        class_weights([1, 2], smoothing=-1.0)

@@ -1,0 +1,156 @@
+"""The plain-PyTorch reference: F.cross_entropy semantics, the formula, edge cases, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blv_kernels import class_weights, reference, variation
+
+SHAPES = {"NC": (6, 5), "NCHW": (2, 5, 3, 4), "NCDHW": (2, 4, 2, 3, 3)}
+
+
+def _batch(shape, rng, *, dtype=torch.float32, ignore_index=-100, ignore_ratio=0.3):
+    logits = torch.randn(shape, generator=rng, dtype=dtype) * 3
+    c = shape[1]
+    target = torch.randint(0, c, shape[:1] + shape[2:], generator=rng)
+    target[torch.rand(target.shape, generator=rng) < ignore_ratio] = ignore_index
+    counts = torch.randint(1, 10**6, (c,), generator=rng)
+    weight = torch.rand(c, generator=rng, dtype=dtype) + 0.5
+    return logits, target, counts, weight
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("with_weight", [False, True], ids=["", "weight"])
+def test_sigma_zero_is_exactly_cross_entropy(shape, reduction, with_weight, rng):
+    logits, target, counts, weight = _batch(shape, rng, ignore_index=7)
+    weight = weight if with_weight else None
+    ref = reference.blv_cross_entropy(
+        logits, target, counts, 0.0, seed=1, weight=weight, ignore_index=7, reduction=reduction
+    )
+    plain = F.cross_entropy(logits, target, weight=weight, ignore_index=7, reduction=reduction)
+    assert torch.equal(ref, plain)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("with_weight", [False, True], ids=["", "weight"])
+def test_explicit_variation_matches_formula_in_float64(shape, reduction, with_weight, rng):
+    logits, target, counts, weight = _batch(shape, rng, dtype=torch.float64)
+    weight = weight if with_weight else None
+    v = torch.rand(shape, generator=rng)
+    logits.requires_grad_(True)
+    loss = reference.blv_cross_entropy(logits, target, counts, 6.0, variation=v, weight=weight, reduction=reduction)
+
+    # Direct evaluation: z = x + v*w, l = logsumexp(z) - z_t, on the (N, C, S) view.
+    n, c = shape[:2]
+    w = class_weights(counts).double()
+    x = logits.detach().reshape(n, c, -1)
+    z = x + v.double().reshape(n, c, -1) * w[None, :, None]
+    t = target.reshape(n, -1)
+    valid = t != -100
+    t0 = t.clamp_min(0)
+    per = torch.logsumexp(z, dim=1) - z.gather(1, t0[:, None]).squeeze(1)
+    cw = weight[t0] if weight is not None else torch.ones_like(per)
+    cw = cw * valid
+    per = per * cw
+    expected = {"none": per.reshape(target.shape), "sum": per.sum(), "mean": per.sum() / cw.sum()}[reduction]
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+    # Gradient: (softmax(z) - onehot(t)) scaled by the class weight and the reduction.
+    grad_out = torch.randn(loss.shape, generator=rng, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out)
+    onehot = F.one_hot(t0, c).permute(0, 2, 1).double()
+    scale = grad_out.reshape(n, -1) if reduction == "none" else grad_out / (cw.sum() if reduction == "mean" else 1)
+    expected_grad = (torch.softmax(z, dim=1) - onehot) * (cw * scale)[:, None, :]
+    torch.testing.assert_close(grad, expected_grad.reshape(shape), rtol=1e-12, atol=1e-12)
+
+
+def test_stream_variation_equals_explicit_variation(rng):
+    logits, target, counts, _ = _batch((2, 19, 5, 7), rng)
+    v = variation(logits.shape, 6.0, seed=99, offset=123, mode="clamp")
+    a = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=99, offset=123, mode="clamp")
+    b = reference.blv_cross_entropy(logits, target, counts, 6.0, variation=v)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int32, torch.int64])
+def test_target_dtypes(target_dtype, rng):
+    logits, target, counts, _ = _batch((2, 5, 4, 6), rng, ignore_index=255)
+    expected = reference.blv_cross_entropy(logits, target, counts, 4.0, seed=5, ignore_index=255)
+    got = reference.blv_cross_entropy(logits, target.to(target_dtype), counts, 4.0, seed=5, ignore_index=255)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits(dtype, rng):
+    logits, target, counts, _ = _batch((2, 5, 4, 6), rng)
+    loss = reference.blv_cross_entropy(logits.to(dtype), target, counts, 6.0, seed=5)
+    ground = reference.blv_cross_entropy(logits.double(), target, counts, 6.0, seed=5)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ground, rtol=2e-2, atol=2e-2)
+
+
+def test_position_weight(rng):
+    logits, target, counts, weight = _batch((2, 5, 4, 6), rng)
+    pw = torch.rand(target.shape, generator=rng) + 0.1
+    per = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction="none")
+    got = {r: reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction=r,
+                                          position_weight=pw) for r in ("none", "sum", "mean")}  # fmt: skip
+    torch.testing.assert_close(got["none"], per * pw)
+    torch.testing.assert_close(got["sum"], (per * pw).sum())
+    valid = target != -100
+    torch.testing.assert_close(got["mean"], (per * pw).sum() / weight[target.clamp_min(0)][valid].sum())
+
+
+def test_nothing_valid_mean_is_nan_like_pytorch(rng):
+    logits, target, counts, _ = _batch((2, 5, 3), rng)
+    target.fill_(-100)
+    loss = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=1)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, target))
+    assert reference.blv_cross_entropy(logits, target, counts, 6.0, seed=1, reduction="sum") == 0
+
+
+def test_degenerate_prior_is_plain_cross_entropy(rng):
+    logits, target, _, _ = _batch((4, 1, 3), rng)
+    loss = reference.blv_cross_entropy(logits, target, [10], 6.0, seed=1)
+    assert torch.equal(loss, F.cross_entropy(logits, target))
+
+
+def _bad_inputs():
+    x = torch.randn(2, 3, 4)
+    t = torch.randint(0, 3, (2, 4))
+    counts = [5, 6, 7]
+    return [
+        ("rank-1", (torch.randn(3), t, counts), {}, ValueError, "shape"),
+        ("no-classes", (torch.randn(2, 0, 4), t, []), {}, ValueError, "at least one class"),
+        ("int-logits", (t, t, counts), {}, TypeError, "logits must be float"),
+        ("float-target", (x, t.float(), counts), {}, TypeError, "integer class indices"),
+        ("bool-target", (x, t.bool(), counts), {}, TypeError, "integer class indices"),
+        ("target-shape", (x, t[:, :3], counts), {}, ValueError, r"target shape \(2, 3\) does not match"),
+        ("counts-length", (x, t, [1, 2]), {}, ValueError, "2 entries but logits have C=3"),
+        ("zero-count", (x, t, [1, 0, 2]), {}, ValueError, "zero count"),
+        ("negative-count", (x, t, [1, -1, 2]), {}, ValueError, "non-negative"),
+        ("nan-count", (x, t, [1, float("nan"), 2]), {}, ValueError, "finite"),
+        ("negative-sigma", (x, t, counts, -1.0), {"seed": 0}, ValueError, "sigma"),
+        ("mode", (x, t, counts), {"seed": 0, "mode": "normal"}, ValueError, "mode"),
+        ("reduction", (x, t, counts), {"seed": 0, "reduction": "avg"}, ValueError, "reduction"),
+        ("label-too-big", (x, torch.full((2, 4), 3), counts), {"seed": 0}, ValueError, r"outside \[0, 3\).*first: 3"),
+        ("label-negative", (x, torch.full((2, 4), -2), counts), {"seed": 0}, ValueError, r"outside \[0, 3\)"),
+        ("uint8-label", (x, torch.full((2, 4), 200, dtype=torch.uint8), counts), {"seed": 0, "ignore_index": 255},
+         ValueError, "first: 200"),
+        ("weight-shape", (x, t, counts), {"seed": 0, "weight": torch.ones(4)}, ValueError, r"weight must have shape \(3,\)"),
+        ("variation-shape", (x, t, counts), {"variation": torch.rand(2, 3)}, ValueError, "variation shape"),
+        ("no-seed", (x, t, counts), {}, ValueError, "seed"),
+        ("position-weight", (x, t, counts), {"seed": 0, "position_weight": torch.ones(2, 3)}, ValueError,
+         "position_weight shape"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match", [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()]
+)
+def test_bad_inputs(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        reference.blv_cross_entropy(*args, **kwargs)
