@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import noise, reference
+from ._validation import check_loss_arguments
 from .prior import class_weights
+
+try:
+    from . import ops
+except ImportError:  # no triton on this platform: the reference backend still works
+    ops = None
 
 __all__ = ["blv_cross_entropy", "BLVLoss", "BACKENDS"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -28,14 +36,43 @@ def _blv_loss(
     variation, position_weight, generator, backend,
 ):  # fmt: skip
     """Dispatch to a backend once the variation weights are known (shared by function and module)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = _resolve_backend(backend, logits, variation)
     if seed is None and variation is None and sigma > 0:
         seed = draw_seed(logits.device, generator)
+    if backend == "triton":
+        check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction)
+        params = noise.variation_params(sigma, mode)  # validates sigma and mode
+        loss, _, _ = ops.blv_cross_entropy_fwd(
+            logits, target, variation_weight.float().contiguous(), noise.seed_tensor(seed or 0, logits.device),
+            noise.check_offset(offset), float(sigma), "clamp" if params.clamp_mode else "abs",
+            None if weight is None else weight.float().contiguous(), position_weight, int(ignore_index), reduction,
+        )  # fmt: skip
+        return loss
     return reference.blv_cross_entropy_from_weights(
         logits, target, variation_weight, sigma, seed=seed, offset=offset, mode=mode, weight=weight,
         ignore_index=ignore_index, reduction=reduction, variation=variation, position_weight=position_weight,
     )  # fmt: skip
+
+
+def _resolve_backend(backend: str, logits: torch.Tensor, variation) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    fused_ok = ops is not None and logits.dtype != torch.float64 and variation is None
+    if backend == "auto":
+        return "triton" if fused_ok and logits.is_cuda else "reference"
+    if backend == "triton":
+        if ops is None:
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if logits.dtype == torch.float64:
+            raise TypeError("backend='triton' computes in float32: use backend='reference' for float64 logits")
+        if variation is not None:
+            raise ValueError("backend='triton' generates the variation in registers: pass variation= only with "
+                             "backend='reference'")  # fmt: skip
+        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {logits.device}"
+            )
+    return backend
 
 
 def blv_cross_entropy(
@@ -67,8 +104,9 @@ def blv_cross_entropy(
             fresh seed from PyTorch's generator for the logits' device (or ``generator``), so
             ``torch.manual_seed`` makes runs reproducible and each call draws new noise.
         generator: the ``torch.Generator`` to draw the seed from when ``seed`` is None.
-        backend: ``"auto"`` picks the fastest available implementation; ``"reference"`` is
-            the plain-PyTorch one.
+        backend: ``"auto"`` picks the fused Triton kernel for CUDA tensors (float16, bfloat16,
+            float32) and the plain-PyTorch ``"reference"`` otherwise; ``"triton"`` asks for the
+            kernel (on the CPU only under ``TRITON_INTERPRET=1``).
     """
     return _blv_loss(
         logits, target, reference.variation_weights_for(class_counts, logits, target), sigma, seed=seed, offset=offset,

@@ -12,13 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import noise
-from ._validation import (
-    check_class_vector,
-    check_logits_target,
-    check_position_weight,
-    check_reduction,
-    check_target_values,
-)
+from ._validation import check_logits_target, check_loss_arguments, check_target_values
 from .prior import class_weights
 
 __all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights"]
@@ -89,11 +83,7 @@ def blv_cross_entropy_from_weights(
     position_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`blv_cross_entropy` with the variation weights ``w_c`` (shape (C,)) given directly."""
-    check_logits_target(logits, target)
-    check_class_vector("variation weight", variation_weight, logits)
-    check_class_vector("weight", weight, logits)
-    check_position_weight(position_weight, target)
-    check_reduction(reduction)
+    check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction)
     noise.check_sigma_mode(sigma, mode)
     num_classes = logits.shape[1]
     target = target.long()
