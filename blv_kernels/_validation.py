@@ -65,13 +65,17 @@ def check_position_weight(position_weight: torch.Tensor | None, target: torch.Te
         raise ValueError(f"position_weight is on {position_weight.device} but target is on {target.device}")
 
 
-def check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction) -> None:
+def check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor) -> None:
     """Every check of a BLV loss call that needs no look at the label values."""
     check_logits_target(logits, target)
     check_class_vector("variation weight", variation_weight, logits)
     check_class_vector("weight", weight, logits)
     check_position_weight(position_weight, target)
     check_reduction(reduction)
+    if avg_factor is not None and reduction != "mean":
+        raise ValueError(
+            f"avg_factor divides the sum of a 'mean' reduction; it cannot be used with reduction={reduction!r}"
+        )
 
 
 def invalid_target_mask(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:

@@ -33,24 +33,26 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
 
 def _blv_loss(
     logits, target, variation_weight, sigma, *, seed, offset, mode, weight, ignore_index, reduction,
-    variation, position_weight, generator, backend,
+    variation, position_weight, avg_factor, generator, backend,
 ):  # fmt: skip
     """Dispatch to a backend once the variation weights are known (shared by function and module)."""
     backend = _resolve_backend(backend, logits, variation)
     if seed is None and variation is None and sigma > 0:
         seed = draw_seed(logits.device, generator)
     if backend == "triton":
-        check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction)
+        check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
         params = noise.variation_params(sigma, mode)  # validates sigma and mode
         loss, _, _ = ops.blv_cross_entropy_fwd(
-            logits, target, variation_weight.float().contiguous(), noise.seed_tensor(seed or 0, logits.device),
-            noise.check_offset(offset), float(sigma), "clamp" if params.clamp_mode else "abs",
-            None if weight is None else weight.float().contiguous(), position_weight, int(ignore_index), reduction,
+            logits, target, variation_weight.float().contiguous(),
+            noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), float(sigma),
+            "clamp" if params.clamp_mode else "abs", None if weight is None else weight.float().contiguous(),
+            position_weight, int(ignore_index), "sum" if avg_factor is not None else reduction,
         )  # fmt: skip
-        return loss
+        return loss if avg_factor is None else loss / avg_factor
     return reference.blv_cross_entropy_from_weights(
         logits, target, variation_weight, sigma, seed=seed, offset=offset, mode=mode, weight=weight,
         ignore_index=ignore_index, reduction=reduction, variation=variation, position_weight=position_weight,
+        avg_factor=avg_factor,
     )  # fmt: skip
 
 
@@ -89,6 +91,7 @@ def blv_cross_entropy(
     reduction: str = "mean",
     variation: torch.Tensor | None = None,
     position_weight: torch.Tensor | None = None,
+    avg_factor=None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -111,7 +114,7 @@ def blv_cross_entropy(
     return _blv_loss(
         logits, target, reference.variation_weights_for(class_counts, logits, target), sigma, seed=seed, offset=offset,
         mode=mode, weight=weight, ignore_index=ignore_index, reduction=reduction, variation=variation,
-        position_weight=position_weight, generator=generator, backend=backend,
+        position_weight=position_weight, avg_factor=avg_factor, generator=generator, backend=backend,
     )  # fmt: skip
 
 
@@ -159,7 +162,7 @@ class BLVLoss(nn.Module):
         return _blv_loss(
             logits, target, self.variation_weight, self.sigma, seed=seed, offset=0, mode=self.mode,
             weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction, variation=None,
-            position_weight=None, generator=None, backend=self.backend,
+            position_weight=None, avg_factor=None, generator=None, backend=self.backend,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -32,6 +32,7 @@ def blv_cross_entropy(
     reduction: str = "mean",
     variation: torch.Tensor | None = None,
     position_weight: torch.Tensor | None = None,
+    avg_factor=None,
 ) -> torch.Tensor:
     """BLV loss: ``F.cross_entropy(logits + v * w[c], target, ...)`` with ``w = class_weights(class_counts)``.
 
@@ -49,11 +50,14 @@ def blv_cross_entropy(
         position_weight: optional per-position weights (target's shape) multiplying each
             position's loss, as mmseg's ``weight=``; with ``reduction="mean"`` the divisor
             stays that of ``F.cross_entropy`` (the count, or the sum of class weights).
+        avg_factor: with ``reduction="mean"``, divide the weighted sum by this number instead
+            (mmseg's ``avg_factor``; ``target.numel()`` averages over all positions, ignored
+            ones counting as 0, as mmseg's ``avg_non_ignore=False``).
     """
     return blv_cross_entropy_from_weights(
         logits, target, variation_weights_for(class_counts, logits, target), sigma,
         seed=seed, offset=offset, mode=mode, weight=weight, ignore_index=ignore_index,
-        reduction=reduction, variation=variation, position_weight=position_weight,
+        reduction=reduction, variation=variation, position_weight=position_weight, avg_factor=avg_factor,
     )  # fmt: skip
 
 
@@ -81,9 +85,10 @@ def blv_cross_entropy_from_weights(
     reduction: str = "mean",
     variation: torch.Tensor | None = None,
     position_weight: torch.Tensor | None = None,
+    avg_factor=None,
 ) -> torch.Tensor:
     """:func:`blv_cross_entropy` with the variation weights ``w_c`` (shape (C,)) given directly."""
-    check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction)
+    check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
     noise.check_sigma_mode(sigma, mode)
     num_classes = logits.shape[1]
     target = target.long()
@@ -109,14 +114,17 @@ def blv_cross_entropy_from_weights(
 
     if weight is not None:
         weight = weight.to(z.dtype)  # F.cross_entropy wants the logits' dtype
-    if position_weight is None:
+    if position_weight is None and avg_factor is None:
         return F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index, reduction=reduction)
     per_position = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index, reduction="none")
-    per_position = per_position * position_weight.to(per_position.dtype)
+    if position_weight is not None:
+        per_position = per_position * position_weight.to(per_position.dtype)
     if reduction == "none":
         return per_position
     if reduction == "sum":
         return per_position.sum()
+    if avg_factor is not None:
+        return per_position.sum() / avg_factor
     valid = target != ignore_index
     denom = valid.sum() if weight is None else (weight[target.clamp(0, num_classes - 1)] * valid).sum()
     return per_position.sum() / denom.to(per_position.dtype)

@@ -154,3 +154,16 @@ def _bad_inputs():
 def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         reference.blv_cross_entropy(*args, **kwargs)
+
+
+def test_avg_factor_divides_the_weighted_sum(rng):
+    logits, target, counts, weight = _batch((2, 5, 4, 6), rng)
+    pw = torch.rand(target.shape, generator=rng) + 0.1
+    per = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction="none")
+    for avg_factor in (target.numel(), torch.tensor(17.5)):
+        got = reference.blv_cross_entropy(
+            logits, target, counts, 6.0, seed=3, weight=weight, position_weight=pw, avg_factor=avg_factor
+        )
+        torch.testing.assert_close(got, (per * pw).sum() / avg_factor)
+    with pytest.raises(ValueError, match="avg_factor"):
+        reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, reduction="sum", avg_factor=3.0)

@@ -273,8 +273,8 @@ def block_sizes(num_classes: int) -> tuple[int, int]:
 
 def _spatial_stride(shape, strides) -> int | None:
     """The single stride of the flattened spatial dims, or None when they are not one strided run."""
-    dims = [(size, stride) for size, stride in zip(shape, strides) if size != 1]
-    if any(outer != inner * size for (_, outer), (size, inner) in zip(dims, dims[1:])):
+    dims = [(size, stride) for size, stride in zip(shape, strides, strict=True) if size != 1]
+    if any(outer != inner * size for (_, outer), (size, inner) in zip(dims, dims[1:], strict=False)):
         return None
     return dims[-1][1] if dims else 1
 
