@@ -15,11 +15,15 @@ gradient in the forward would, but storing it needs a second pass over the gradi
 it by ``grad_output`` (a read and a write), so for forward+backward recomputation moves 3x
 the logits' bytes against 4x, and a forward without backward writes no gradient at all.
 
-Per element the kernel does: the load, a quarter of a Philox4x32-10 call (10 rounds of two
-32x32->64 multiplies), the word -> v transform (a degree-8 polynomial for sigma >= 0.962, no
-transcendental; one log below), one exp, and the store in the backward. In fp32 the bytes
-bound the kernel on an H100; in bf16/fp16 the bytes halve and the integer work of Philox is
-the larger share (not yet measured on a GPU: see benchmarks/).
+What bounds it (an estimate from counting, not yet a measurement: see benchmarks/). Per
+element and per pass: one load (plus the store in the backward); a quarter of a Philox4x32-10
+call, i.e. 10 rounds x 2 wide 32x32->64 multiplies / 4 = 5 wide multiplies (~10 IMAD) and ~5
+logic ops; the transform (~12 FMA, no transcendental for sigma >= 0.962); one exp. Forward +
+backward on an H100 (~3 TB/s copy rate; IMAD at 64 per SM per clock, ~17 Tops/s): fp32 moves
+12 bytes per element (4 ps) against ~30 integer ops (~2 ps): memory-bound. bf16/fp16 move 6
+bytes (2 ps) while the integer work stays ~2 ps: the two meet, so Philox is what a faster
+low-precision kernel would have to cut (e.g. keeping the words of the forward is no option:
+they would cost more bytes than they save).
 
 Layouts: the logits are addressed as (N, C, S) with three strides, so NCHW (class stride S,
 pixels contiguous), channels_last (class stride 1) and (N, C) rows need no copy. Classes are
@@ -126,7 +130,9 @@ def _perturbed_chunk(x_row_ptr, var_w_ptr, seed, ctr_lo, ctr_hi, m_p, c_start, C
     Tile k holds classes 4g + k; one Philox call per (group g, position) gives word k to tile k.
     """
     o_g = c_start // 4 + tl.arange(0, BLOCK_G)
+    ctr_lo = tl.broadcast_to(ctr_lo[None, :], (BLOCK_G, BLOCK_P))
     if HAS_VARIATION:
+        ctr_hi = tl.broadcast_to(ctr_hi[None, :], (BLOCK_G, BLOCK_P))
         ctr_g = tl.broadcast_to(o_g[:, None].to(tl.uint32), (BLOCK_G, BLOCK_P))
         r0, r1, r2, r3 = tl.philox(seed, ctr_lo, ctr_hi, ctr_g, tl.zeros_like(ctr_g))
     else:  # sigma = 0: no words needed
@@ -170,8 +176,6 @@ def _blv_ce_fwd_kernel(
     )  # fmt: skip
     seed = tl.load(seed_ptr)
     x_row_ptr = x_ptr + o_n * stride_xn + o_s * stride_xs
-    ctr_lo = tl.broadcast_to(ctr_lo[None, :], (BLOCK_G, BLOCK_P))
-    ctr_hi = tl.broadcast_to(ctr_hi[None, :], (BLOCK_G, BLOCK_P))
 
     # online softmax: m = running max of z, d = sum_c exp(z_c - m); z_t = perturbed target logit
     b_m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
@@ -238,8 +242,6 @@ def _blv_ce_bwd_kernel(
     seed = tl.load(seed_ptr)
     x_row_ptr = x_ptr + o_n * stride_xn + o_s * stride_xs
     dx_row_ptr = dx_ptr + o_n * stride_dn + o_s * stride_ds
-    ctr_lo = tl.broadcast_to(ctr_lo[None, :], (BLOCK_G, BLOCK_P))
-    ctr_hi = tl.broadcast_to(ctr_hi[None, :], (BLOCK_G, BLOCK_P))
     b_lse = tl.load(lse_ptr + o_p, mask=m_p, other=0.0)
     # coef = dL/dl_position * class weight * position weight (/ denominator for "mean")
     b_coef = tl.load(grad_loss_ptr + o_n * stride_gn + o_s * stride_gs, mask=m_p, other=0.0).to(tl.float32)
