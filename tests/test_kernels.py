@@ -310,3 +310,23 @@ def test_avg_factor(avg_factor, rng):
         results.append((loss, *torch.autograd.grad(loss, xb)))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a tensor of more than 2**31 elements needs a GPU's memory")
+def test_more_than_2_31_elements_on_gpu(rng):
+    # (1, 4, 2**29 + 7) fp16: 2**31 + 28 elements, so element offsets overflow int32. The
+    # stream is defined per position, so the last positions must equal the reference on a
+    # slice of them evaluated at the matching offset.
+    size = 2**29 + 7
+    x = torch.randn(1, 4, size, device="cuda", dtype=torch.float16, requires_grad=True)
+    target = torch.randint(0, 4, (1, size), device="cuda")
+    counts = [10, 20, 30, 40]
+    loss = blv_cross_entropy(x, target, counts, seed=4, reduction="none", backend="triton")
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+    tail = 1000
+    xs = x.detach()[:, :, -tail:].float().requires_grad_(True)
+    ref = blv_cross_entropy(xs, target[:, -tail:], counts, seed=4, offset=size - tail, reduction="none",
+                            backend="reference")  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref, xs, torch.ones_like(ref))
+    torch.testing.assert_close(loss[:, -tail:].float(), ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(grad[:, :, -tail:].float(), ref_grad, rtol=2e-3, atol=1e-3)
