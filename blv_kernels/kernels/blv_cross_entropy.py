@@ -356,12 +356,14 @@ def blv_ce_bwd(
 ):  # fmt: skip
     """Fused backward: dL/dlogits, recomputing the forward's noise and softmax from its lse."""
     num_classes = logits.shape[1]
-    grad = torch.empty_like(logits)  # keeps channels_last; dense layouts keep their strides
+    # The logits' layout where it is an (N, C, S) one (NCHW, channels_last), else contiguous.
+    grad = torch.empty_like(logits)
+    if _spatial_stride(grad.shape[2:], grad.stride()[2:]) is None:  # e.g. a permuted (N, H, C, W) order
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    d_strides = (*grad.stride()[:2], _spatial_stride(grad.shape[2:], grad.stride()[2:]))
     logits, x_strides, target, t_strides, position_weight, w_strides, params, meta, positions = _common(
         logits, target, position_weight, sigma, mode
     )
-    grad_ncs, d_strides = as_ncs(grad, 2)
-    assert grad_ncs is grad  # empty_like of any tensor is dense: no copy to write back
     g_strides = (0, 0)
     if reduction == "none":
         grad_loss, g_strides = as_ncs(grad_loss, 1)
