@@ -1,0 +1,152 @@
+"""mmsegmentation adapter: BLV as an mmseg decode-head loss, ``dict(type="BLVLoss", ...)``.
+
+Importing this module registers :class:`MMSegBLVLoss` as ``"BLVLoss"`` in mmseg's loss
+registry when mmseg is importable (1.x ``mmseg.registry.MODELS``, 0.x
+``mmseg.models.builder.LOSSES``); in a config, ``custom_imports =
+dict(imports=["blv_kernels.integrations.mmseg"])`` does that. Nothing here needs mmseg.
+
+The reductions are those of mmseg's ``CrossEntropyLoss`` (``cross_entropy`` and
+``weight_reduce_loss`` in ``mmseg/models/losses``), computed by
+:func:`blv_kernels.blv_cross_entropy` (the fused kernel on CUDA):
+
+    mean:  loss_weight * sum(l * weight) / (avg_factor + eps),   eps = float32 eps
+           avg_factor (when the caller gives none) = number of positions, ignored ones
+           included (avg_non_ignore=False, mmseg's default), or of non-ignored positions
+           (avg_non_ignore=True); with class_weight, the sum of the class weights of the
+           non-ignored positions, plus 1 per ignored position when avg_non_ignore=False
+    sum:   loss_weight * sum(l * weight)
+    none:  loss_weight * l * weight, ignored positions 0
+
+where ``l`` is the per-position loss, multiplied by ``class_weight[target]``. mmseg 1.x
+fails (IndexError) whenever class weights meet an ignored label; counting an ignored
+position as 1 is our choice, so that all-ones class weights equal no class weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..loss import BLVLoss, _blv_loss
+from .counting import load_counts
+
+__all__ = ["MMSegBLVLoss"]
+
+# mmseg's weight_reduce_loss adds this to avg_factor (no division by zero when all is ignored)
+EPS = torch.finfo(torch.float32).eps
+REDUCTIONS = ("none", "mean", "sum")
+
+
+class MMSegBLVLoss(BLVLoss):
+    """BLV loss with mmseg's loss interface; plain cross-entropy outside training.
+
+    Args:
+        class_counts: per-class pixel counts, or the path of a JSON list of them (as written
+            by ``blv-kernels count-classes``).
+        sigma: the variation's standard deviation (the released configs use 4, the paper 6).
+        mode: ``"abs"`` (released code) or ``"clamp"`` (paper's pseudo-code).
+        loss_weight: multiplies the loss.
+        avg_non_ignore: ``reduction="mean"`` averages over non-ignored positions only
+            (mmseg's default ``False`` averages over all positions, ignored ones as 0).
+        class_weight: per-class weights, as ``F.cross_entropy``'s ``weight``.
+        loss_name: the key of the loss in mmseg's log dict; it must contain ``loss`` for
+            mmseg to add it to the total loss (``loss_blv`` does).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a call's ``reduction_override`` wins).
+        smoothing: additive smoothing of ``class_counts`` (needed when a count is 0).
+        backend: as in :func:`blv_kernels.blv_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        class_counts,
+        sigma: float = 6.0,
+        mode: str = "abs",
+        loss_weight: float = 1.0,
+        avg_non_ignore: bool = False,
+        class_weight=None,
+        loss_name: str = "loss_blv",
+        reduction: str = "mean",
+        smoothing: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(class_counts, (str, os.PathLike)):
+            class_counts = load_counts(class_counts)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        # the attribute matches forward()'s default; mmseg passes ignore_index with every call
+        super().__init__(
+            class_counts, sigma, mode=mode, weight=class_weight, ignore_index=255, reduction=reduction,
+            smoothing=smoothing, backend=backend,
+        )  # fmt: skip
+        self.loss_weight = loss_weight
+        self.avg_non_ignore = avg_non_ignore
+        self._loss_name = loss_name
+
+    @property
+    def loss_name(self) -> str:
+        return self._loss_name
+
+    def forward(
+        self,
+        cls_score: torch.Tensor,
+        label: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        avg_factor=None,
+        reduction_override: str | None = None,
+        ignore_index: int = 255,
+    ) -> torch.Tensor:
+        """mmseg's loss call: logits (N, C, ...), labels (N, ...), optional per-position ``weight``."""
+        if reduction_override not in (None, *REDUCTIONS):
+            raise ValueError(f"reduction_override must be None or one of {REDUCTIONS}, got {reduction_override!r}")
+        reduction = reduction_override or self.reduction
+        if reduction == "sum" and avg_factor is not None:
+            raise ValueError('avg_factor can not be used with reduction="sum"')  # as mmseg's weight_reduce_loss
+        if reduction == "mean":
+            avg_factor = (self._default_avg_factor(label, ignore_index) if avg_factor is None else avg_factor) + EPS
+        else:
+            avg_factor = None  # mmseg ignores it with reduction="none"
+        loss = _blv_loss(
+            cls_score, label, self.variation_weight, self.sigma if self.training else 0.0, seed=None, offset=0,
+            mode=self.mode, weight=self.weight, ignore_index=ignore_index, reduction=reduction, variation=None,
+            position_weight=None if weight is None else weight.float(), avg_factor=avg_factor, generator=None,
+            backend=self.backend,
+        )  # fmt: skip
+        return self.loss_weight * loss
+
+    def _default_avg_factor(self, label: torch.Tensor, ignore_index: int):
+        """mmseg's divisor for ``reduction="mean"`` (see the module docstring), computed without a host sync."""
+        valid = label.long() != ignore_index  # int64: a uint8 label compared with -100 would wrap around
+        if self.weight is None:
+            return valid.sum() if self.avg_non_ignore else label.numel()
+        per_position = self.weight[label.long().clamp(0, self.weight.numel() - 1)]
+        per_position = torch.where(valid, per_position, 0.0 if self.avg_non_ignore else 1.0)
+        return per_position.sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.variation_weight.numel()}, sigma={self.sigma}, mode={self.mode!r}, "
+            f"loss_weight={self.loss_weight}, avg_non_ignore={self.avg_non_ignore}, loss_name={self.loss_name!r}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )
+
+
+def _mmseg_loss_registry():
+    """mmseg 1.x's MODELS, else 0.x's LOSSES, else None (mmseg not importable)."""
+    try:
+        from mmseg.registry import MODELS
+
+        return MODELS
+    except ImportError:
+        pass
+    try:
+        from mmseg.models.builder import LOSSES
+
+        return LOSSES
+    except ImportError:
+        return None
+
+
+_REGISTRY = _mmseg_loss_registry()
+if _REGISTRY is not None:
+    _REGISTRY.register_module(name="BLVLoss", module=MMSegBLVLoss)
