@@ -1,0 +1,173 @@
+"""What both benchmarks share: the run's stamp, timing, the copy-bandwidth yardstick, backend probes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import blv_kernels
+from blv_kernels import BLVLoss
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUANTILES = (0.5, 0.2, 0.8)  # median, then the 20% and 80% quantiles, as triton.testing.do_bench reports them
+SIGMA = 6.0  # the paper's value for most tasks
+IGNORE_INDEX = 255
+# GTA5 pixel counts of the 19 Cityscapes classes in trainId order (BLV_SPEC.md section 7): a real long tail.
+GTA5_COUNTS = (
+    16099193283, 4155428633, 8478285320, 925367586, 317481282, 531401266, 67288808, 40463971, 3810296251,
+    1074861777, 6784666433, 181828023, 15321782, 1259269812, 564950248, 184638969, 32522117, 15799033, 2718199,
+)  # fmt: skip
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def class_counts(num_classes: int) -> list[int]:
+    """A long-tailed prior: GTA5's Cityscapes counts for 19 classes, a Zipf-like one otherwise."""
+    if num_classes == len(GTA5_COUNTS):
+        return list(GTA5_COUNTS)
+    return [round(1e9 / (c + 1) ** 1.5) for c in range(num_classes)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """The stamp every result file carries: device, versions, commit, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "device": device_name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "blv_kernels": blv_kernels.__version__,
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if status is None else bool(status),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def stamp_line(env: dict) -> str:
+    commit = (env["commit"] or "unknown")[:10] + ("+changes" if env["uncommitted_changes"] else "")
+    return (
+        f"{env['device']} | torch {env['torch']} | triton {env['triton']} | blv_kernels {env['blv_kernels']} "
+        f"| commit {commit} | {env['date']}"
+    )
+
+
+def host_loop(fn, *, reps: int, warmup: int, grad_to_none=(), device: torch.device) -> list[float]:
+    """Median, 20% and 80% quantiles in ms of ``reps`` timed calls, each ended by a device sync.
+
+    The CPU's stand-in for ``do_bench`` (and the GPU timer of host-bound providers, where a few
+    calls of seconds each say all there is to say).
+    """
+    times = []
+    for i in range(warmup + reps):
+        for t in grad_to_none:
+            t.grad = None
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+
+
+def bench(fn, *, device: torch.device, grad_to_none=(), reps: int = 10, warmup: int = 2) -> tuple[list[float], str]:
+    """Time ``fn``: ``triton.testing.do_bench`` on a GPU, :func:`host_loop` on the CPU. Returns (ms quantiles, timer)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        ms = do_bench(fn, warmup=25, rep=100, grad_to_none=list(grad_to_none), quantiles=list(QUANTILES))
+        return list(ms), "triton.testing.do_bench"
+    return host_loop(fn, reps=reps, warmup=warmup, grad_to_none=grad_to_none, device=device), "host loop"
+
+
+def peak_extra_memory(fn, device: torch.device, grad_to_none=()) -> int | None:
+    """Bytes allocated at the peak of one call of ``fn`` beyond what was allocated before it (GPU only)."""
+    if device.type != "cuda":
+        return None
+    for t in grad_to_none:
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    for t in grad_to_none:
+        t.grad = None
+    return peak
+
+
+def copy_bandwidth(device: torch.device, *, reps: int = 10) -> dict:
+    """Device-to-device ``copy_`` of a large tensor (read once, written once), timed like the losses."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 23)  # 1 GiB on a GPU, 32 MiB on the CPU
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    (ms, _, _), timer = bench(lambda: dst.copy_(src), device=device, reps=reps)
+    num_bytes = 2 * src.numel() * src.element_size()
+    return {"bytes": num_bytes, "ms": ms, "gbps": num_bytes / ms / 1e6, "timer": timer}
+
+
+def blv_backend_problem(backend: str, device: torch.device) -> str | None:
+    """None when ``BLVLoss(backend=backend)`` runs forward and backward on ``device``, else why it does not."""
+    if backend not in blv_kernels.loss.BACKENDS:
+        return f"backend={backend!r} is not in this build (blv_kernels.loss.BACKENDS = {blv_kernels.loss.BACKENDS})"
+    if backend == "triton" and device.type != "cuda":
+        return "the fused Triton kernel needs a CUDA device (on the CPU the Triton interpreter is no meaningful timing)"
+    try:
+        criterion = BLVLoss(class_counts(5), SIGMA, ignore_index=IGNORE_INDEX, backend=backend).to(device)
+        logits = torch.randn(2, 5, 3, 4, device=device, requires_grad=True)
+        criterion(logits, torch.randint(0, 5, (2, 3, 4), device=device)).backward()
+        synchronize(device)
+    except Exception as error:  # any failure of a probe means the backend cannot be timed here: say which
+        return f"backend={backend!r} does not run on {device.type}: {type(error).__name__}: {error}"
+    return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically, so a run killed by its time limit leaves the last complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,278 @@
+"""Training-overhead benchmark: what BLV costs per training iteration of a segmentation network.
+
+    python -m benchmarks.training [--quick] [--out DIR]
+
+Full iterations (forward, loss, backward, SGD step) of torchvision's DeepLabV3-ResNet50 (or
+FCN-ResNet50) at a Cityscapes crop, or of a self-contained encoder-decoder where torchvision is
+not installed, with plain cross-entropy, the BLV reference and the fused BLV backends, in fp32
+and bf16 autocast. The losses take turns within each round, so drift of the clocks hits them
+alike; the rounds' spread is the run-to-run noise an overhead must be read against. Printed
+like the supplement's Table 4; written to ``training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blv_kernels import BLVLoss
+
+from .common import (
+    IGNORE_INDEX,
+    SIGMA,
+    blv_backend_problem,
+    class_counts,
+    environment,
+    resolve_device,
+    stamp_line,
+    synchronize,
+    write_json,
+)
+
+NUM_CLASSES = 19  # Cityscapes
+# (batch, height, width): mmseg's Cityscapes setting is two 512x1024 crops per GPU.
+SIZES = {"full": (2, 512, 1024), "small": (2, 64, 128), "tiny": (1, 32, 64)}
+LOSSES = {  # name -> (label, blv_kernels backend or None for plain cross-entropy)
+    "cross_entropy": ("w/o BLV", None),
+    "blv_reference": ("BLV reference", "reference"),
+    "blv_triton": ("BLV Triton", "triton"),
+    "blv_cuda": ("BLV CUDA C++", "cuda"),
+}
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16}  # autocast dtype
+MODELS = ("auto", "deeplabv3_resnet50", "fcn_resnet50", "encdec")
+RESULT_FIELDS = (
+    "precision", "loss", "status", "reason", "ms_per_iter", "ms_p20", "ms_p80", "overhead_pct", "rounds",
+    "iters_per_round",
+)  # fmt: skip
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, dilation: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn_relu(cin, cout, stride, dilation),
+            nn.Conv2d(cout, cout, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.skip(x))
+
+
+class EncoderDecoder(nn.Module):
+    """A ResNet-18-like dilated encoder (output stride 8, as DeepLabV3's) and a small decoder.
+
+    The stand-in where torchvision is missing: cheaper than DeepLabV3-ResNet50, so its overheads
+    read larger; compare losses within one run, not across models.
+    """
+
+    def __init__(self, num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        widths = (width, 2 * width, 4 * width, 8 * width)
+        layers = [_conv_bn_relu(3, width, stride=2), _conv_bn_relu(width, width, stride=2)]
+        cin = width
+        for cout, stride, dilation in zip(widths, (1, 2, 1, 1), (1, 1, 2, 4), strict=True):
+            layers += [_ResidualBlock(cin, cout, stride, dilation), _ResidualBlock(cout, cout, 1, dilation)]
+            cin = cout
+        self.encoder = nn.Sequential(*layers)
+        self.decoder = nn.Sequential(_conv_bn_relu(cin, 4 * width), nn.Conv2d(4 * width, num_classes, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.encoder(images))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def resolve_model(name: str) -> str:
+    if name != "auto":
+        return name
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return "encdec"
+    return "deeplabv3_resnet50"
+
+
+def build_model(name: str) -> nn.Module:
+    if name == "encdec":
+        return EncoderDecoder(NUM_CLASSES)
+    from torchvision.models import segmentation
+
+    # weights=None everywhere: nothing is downloaded, and random weights cost the same.
+    return getattr(segmentation, name)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=False)
+
+
+def make_criterion(loss: str, device: torch.device):
+    backend = LOSSES[loss][1]
+    if backend is None:
+        return lambda logits, target: F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    return BLVLoss(class_counts(NUM_CLASSES), SIGMA, ignore_index=IGNORE_INDEX, backend=backend).to(device)
+
+
+def train_step(model, criterion, optimizer, images, labels, amp_dtype) -> None:
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = model(images)
+        logits = out["out"] if isinstance(out, dict) else out  # torchvision returns a dict
+        loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def time_precision(model, optimizer, criteria, images, labels, amp_dtype, args, device, deadline) -> dict:
+    """Per-round ms/iteration of each loss, the losses taking turns within a round."""
+    for criterion in criteria.values():
+        for _ in range(args.warmup):  # cuDNN autotuning, Triton compilation, allocator growth
+            train_step(model, criterion, optimizer, images, labels, amp_dtype)
+    per_round = {loss: [] for loss in criteria}
+    for round_ in range(args.rounds):
+        if round_ >= 2 and time.perf_counter() > deadline:
+            break  # two rounds still give a spread
+        for loss, criterion in criteria.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                train_step(model, criterion, optimizer, images, labels, amp_dtype)
+            synchronize(device)
+            per_round[loss].append((time.perf_counter() - start) * 1e3 / args.iters)
+    return per_round
+
+
+def table4(data: dict) -> str:
+    """The results laid out like the supplement's Table 4: one row per precision, losses side by side."""
+    meta = data["meta"]
+    batch, height, width = meta["input"]
+    lines = [
+        f"Training time per iteration, {meta['model']}, batch {batch}x3x{height}x{width}, {NUM_CLASSES} classes "
+        f"| {stamp_line(meta)}",
+        meta["note"],
+        "ms/iteration: median over rounds [20%, 80%]; (+x%): overhead vs w/o BLV; spread: w/o BLV's (80%-20%)/median",
+    ]
+    table = [["precision", *(label for label, _ in LOSSES.values()), "spread"]]
+    for precision in PRECISIONS:
+        rows = {r["loss"]: r for r in data["results"] if r["precision"] == precision}
+        if not rows:
+            continue
+        cells = []
+        for loss in LOSSES:
+            r = rows[loss]
+            if r["status"] != "ok":
+                cells.append(r["status"])
+                continue
+            cell = f"{r['ms_per_iter']:.1f} [{r['ms_p20']:.1f}, {r['ms_p80']:.1f}]"
+            if r["overhead_pct"] is not None and loss != "cross_entropy":
+                cell += f" ({r['overhead_pct']:+.1f}%)"
+            cells.append(cell)
+        base = rows["cross_entropy"]
+        spread = f"{100 * (base['ms_p80'] - base['ms_p20']) / base['ms_per_iter']:.1f}%" if base["ms_per_iter"] else "-"
+        table.append([precision, *cells, spread])
+    widths = [max(len(row[i]) for row in table) + 3 for i in range(len(table[0]))]
+    lines += ["".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table]
+    skipped = {r["loss"]: r["reason"] for r in data["results"] if r["status"] != "ok"}
+    lines += [f"  {LOSSES[loss][0]}: {reason}" for loss, reason in skipped.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where training.json goes")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    parser.add_argument("--size", choices=tuple(SIZES), help="input size; default: full on a GPU, small on the CPU")
+    parser.add_argument(
+        "--model", choices=MODELS, default="auto", help="auto: DeepLabV3-ResNet50 if torchvision is installed"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (the GPU check's setting)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per loss (default 10, --quick 6)")
+    parser.add_argument("--iters", type=int, help="iterations per round (default 5, --quick 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per loss first")
+    parser.add_argument("--budget-s", type=float, default=math.inf, help="cut rounds, then precisions, after this")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (6 if args.quick else 10)
+    args.iters = args.iters or (3 if args.quick else 5)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    size = args.size or ("full" if device.type == "cuda" else "small")
+    model_name = resolve_model(args.model)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = True  # as mmseg's configs do; the warm-up iterations absorb the tuning
+    batch, height, width = SIZES[size]
+    images = torch.randn(batch, 3, height, width, device=device)
+    labels = torch.randint(0, NUM_CLASSES, (batch, height, width), device=device)
+    labels[:, : height // 10] = IGNORE_INDEX  # a band of void pixels, as Cityscapes' ego vehicle
+
+    problems = {loss: backend and blv_backend_problem(backend, device) for loss, (_, backend) in LOSSES.items()}
+    note = f"{device.type} run, {size} input"
+    if size != "full":
+        note += " (scaled down from the 512x1024 crop: not the real cost)"
+    if model_name == "encdec":
+        note += "; model: the self-contained encoder-decoder (torchvision not installed or not chosen)"
+    data = {
+        "meta": {**environment(device), "benchmark": "training", "model": model_name, "input": [batch, height, width],
+                 "num_classes": NUM_CLASSES, "sigma": SIGMA, "optimizer": "SGD(lr=0.01, momentum=0.9, wd=5e-4)",
+                 "size": size, "quick": args.quick, "warmup": args.warmup, "note": note,
+                 "result_fields": list(RESULT_FIELDS)},
+        "results": [],
+    }  # fmt: skip
+    model = build_model(model_name).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    failed = False
+    for precision, amp_dtype in PRECISIONS.items():
+        rows = {loss: dict.fromkeys(RESULT_FIELDS) | {"precision": precision, "loss": loss} for loss in LOSSES}
+        active = {loss: make_criterion(loss, device) for loss in LOSSES if problems[loss] is None}
+        over_budget = time.perf_counter() > deadline
+        for loss, row in rows.items():
+            if problems[loss] is not None:
+                row.update(status="skipped", reason=problems[loss])
+            elif over_budget:
+                row.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up (--budget-s)")
+        try:
+            if not over_budget:
+                per_round = time_precision(model, optimizer, active, images, labels, amp_dtype, args, device, deadline)
+                for loss, times in per_round.items():
+                    median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
+                        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+                    ).tolist()  # fmt: skip
+                    rows[loss].update(
+                        status="ok", ms_per_iter=median, ms_p20=p20, ms_p80=p80, rounds=len(times), iters_per_round=args.iters
+                    )  # fmt: skip
+                base = rows["cross_entropy"]["ms_per_iter"]
+                for row in rows.values():
+                    if row["status"] == "ok":
+                        row["overhead_pct"] = 100 * (row["ms_per_iter"] / base - 1)
+        except Exception as error:  # report it with the other rows, then try the next precision
+            failed = True
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            for row in rows.values():
+                if row["status"] is None:
+                    row.update(status="failed", reason=message)
+        data["results"] += rows.values()
+        write_json(args.out / "training.json", data)
+    print(table4(data))
+    print(f"\nwrote {args.out / 'training.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The benchmark code is code: its entry points run on the CPU at tiny sizes, and their JSON says
+everything it claims, every provider included (skipped ones with a reason, never dropped)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+
+import blv_kernels  # noqa: E402
+from benchmarks import loss, summary, training  # noqa: E402
+
+# Spelled out here, not read from the module: a provider or field the code stops emitting must fail.
+PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda")
+LOSS_FIELDS = {
+    "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer", "ms", "ms_p20", "ms_p80",
+    "bytes", "gbps", "pct_copy_bandwidth", "floor_ms", "peak_extra_bytes", "peak_extra_vs_logits",
+    "speedup_vs_cross_entropy",
+}  # fmt: skip
+META_FIELDS = {"device", "torch", "triton", "commit", "date", "note"}
+TRAINING_LOSSES = ("cross_entropy", "blv_reference", "blv_triton", "blv_cuda")
+TRAINING_FIELDS = {"precision", "loss", "status", "reason", "ms_per_iter", "ms_p20", "ms_p80", "overhead_pct"}
+# one NCHW, one channels_last and one (N, C) case, in two dtypes; aot_eager: compiling with
+# inductor on 2 cores would take a minute, and what is tested here is the harness
+LOSS_ARGS = ["--device", "cpu", "--size", "tiny", "--shapes", "cityscapes-n2,ade20k-cl,classification",
+             "--dtypes", "fp32,bf16", "--compile-backend", "aot_eager", "--reps", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def loss_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loss")
+    assert loss.main([*LOSS_ARGS, "--out", str(out)]) == 0
+    return out, json.loads((out / "loss.json").read_text())
+
+
+def test_loss_json_has_every_provider_case_and_field(loss_run):
+    _, data = loss_run
+    assert META_FIELDS <= set(data["meta"])
+    assert data["meta"]["device"] and data["meta"]["date"]
+    assert "scaled down" in data["meta"]["note"]
+    assert data["copy_bandwidth"]["gbps"] > 0
+    assert tuple(data["providers"]) == PROVIDERS
+    cases = {(c["case"], c["dtype"]) for c in data["cases"]}
+    assert cases == {(s, d) for s in ("cityscapes-n2", "ade20k-cl", "classification") for d in ("fp32", "bf16")}
+    rows = {(r["provider"], r["case"], r["dtype"], r["pass"]): r for r in data["results"]}
+    assert len(rows) == len(data["results"]) == len(PROVIDERS) * len(cases) * 2
+    for provider in PROVIDERS:
+        for case, dtype in cases:
+            for pass_ in ("fwd", "fwd_bwd"):
+                row = rows[provider, case, dtype, pass_]
+                assert set(row) == LOSS_FIELDS
+                assert row["bytes"] > 0 and row["floor_ms"] > 0
+    layouts = {c["case"]: c["layout"] for c in data["cases"]}
+    assert layouts["ade20k-cl"] == "channels_last" and layouts["cityscapes-n2"] == "contiguous"
+
+
+@pytest.mark.parametrize("provider", ["cross_entropy", "reference", "reference_compile", "released"])
+def test_cpu_providers_are_timed(loss_run, provider):
+    _, data = loss_run
+    for row in (r for r in data["results"] if r["provider"] == provider):
+        assert row["status"] == "ok", row["reason"]
+        assert 0 < row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+        assert row["gbps"] > 0 and row["pct_copy_bandwidth"] > 0 and row["speedup_vs_cross_entropy"] > 0
+        assert row["peak_extra_bytes"] is None  # the CPU has no peak-memory counter
+    fwd_bwd_bytes = {r["case"] + r["dtype"]: r["bytes"] for r in data["results"] if r["pass"] == "fwd_bwd"}
+    fwd_bytes = {r["case"] + r["dtype"]: r["bytes"] for r in data["results"] if r["pass"] == "fwd"}
+    assert all(fwd_bwd_bytes[k] > fwd_bytes[k] for k in fwd_bytes)  # the gradient is written
+
+
+def test_gpu_providers_are_skipped_with_a_reason(loss_run):
+    _, data = loss_run
+    for provider in ("triton", "cuda"):
+        assert not data["providers"][provider]["available"]
+        assert data["providers"][provider]["reason"]
+        for row in (r for r in data["results"] if r["provider"] == provider):
+            assert row["status"] == "skipped" and row["reason"] and row["ms"] is None
+    assert "Triton interpreter" in data["providers"]["triton"]["reason"]
+
+
+def test_loss_table_plots_and_summary(loss_run, capsys):
+    out, data = loss_run
+    pytest.importorskip("matplotlib")
+    for name in ("loss_time.png", "loss_bandwidth.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert summary.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    for provider in PROVIDERS:
+        assert data["providers"][provider]["label"] in printed
+    assert "classification-bf16" in printed
+
+
+def test_missing_backend_is_reported_as_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(blv_kernels.loss, "BACKENDS", ("auto", "reference"))
+    argv = ["--device", "cpu", "--size", "tiny", "--shapes", "cityscapes-n2", "--dtypes", "fp32", "--reps", "1",
+            "--providers", "cross_entropy,triton,cuda", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    assert loss.main(argv) == 0
+    data = json.loads((tmp_path / "loss.json").read_text())
+    assert tuple(data["providers"]) == PROVIDERS
+    for provider in ("triton", "cuda"):
+        assert "not in this build" in data["providers"][provider]["reason"]
+    assert data["providers"]["reference"]["reason"] == "not selected (--providers)"
+    statuses = {(r["provider"], r["pass"]): r["status"] for r in data["results"]}
+    assert len(statuses) == len(PROVIDERS) * 2
+    assert statuses["cross_entropy", "fwd_bwd"] == "ok"
+    assert all(s == "skipped" for (p, _), s in statuses.items() if p != "cross_entropy")
+
+
+def test_case_grids_cover_the_issue():
+    full = {s: spec.full for s, spec in loss.SHAPES.items()}
+    assert {(2, 19, 512, 1024), (8, 19, 512, 1024), (16, 150, 512, 512), (8, 171, 512, 512), (65536, 1000)} <= set(
+        full.values()
+    )
+    assert any(spec.channels_last for spec in loss.SHAPES.values())
+    args = loss.parse_args([])
+    assert len(loss.select_cases(args)) == len(loss.SHAPES) * 3
+    quick = loss.select_cases(loss.parse_args(["--quick"]))
+    assert quick[:4] == list(loss.QUICK_COMPILE_CASES)
+    assert {d for _, d in quick} == {"fp32", "bf16", "fp16"}
+
+
+def test_training_benchmark_table4(tmp_path, capsys):
+    argv = ["--device", "cpu", "--size", "tiny", "--model", "encdec", "--rounds", "2", "--iters", "1",
+            "--warmup", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert training.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "w/o BLV" in printed and "BLV reference" in printed
+    data = json.loads((tmp_path / "training.json").read_text())
+    assert META_FIELDS <= set(data["meta"]) and data["meta"]["model"] == "encdec"
+    rows = {(r["precision"], r["loss"]): r for r in data["results"]}
+    assert set(rows) == {(p, loss_) for p in ("fp32", "amp_bf16") for loss_ in TRAINING_LOSSES}
+    for (_, loss_), row in rows.items():
+        assert TRAINING_FIELDS <= set(row)
+        if loss_ in ("cross_entropy", "blv_reference"):
+            assert row["status"] == "ok" and row["ms_per_iter"] > 0 and row["rounds"] == 2
+        else:
+            assert row["status"] == "skipped" and row["reason"]
+    assert rows["fp32", "cross_entropy"]["overhead_pct"] == 0
+
+
+def test_training_falls_back_without_torchvision(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now raises ImportError
+    assert training.resolve_model("auto") == "encdec"
+
+
+def test_gpu_check_script_parses():
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
