@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from ._layout import empty_gradient
 
 
 @torch.library.custom_op("blv_kernels::blv_cross_entropy_fwd", mutates_args=())
@@ -67,7 +68,7 @@ def blv_cross_entropy_bwd(
 
 @blv_cross_entropy_bwd.register_fake
 def _(grad_loss, logits, *args):
-    return torch.empty_like(logits)
+    return empty_gradient(logits)
 
 
 def _setup_context(ctx, inputs, output):

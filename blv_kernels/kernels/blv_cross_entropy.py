@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import noise
+from .._layout import as_ncs, empty_gradient
 from .._validation import invalid_target_mask, raise_or_assert_no_bad_labels
 
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = map(tl.constexpr, noise.ERFINV_POLY)
@@ -273,27 +274,6 @@ def block_sizes(num_classes: int) -> tuple[int, int]:
     return max(16, min(1024, 2048 // (4 * block_g))), block_g
 
 
-def _spatial_stride(shape, strides) -> int | None:
-    """The single stride of the flattened spatial dims, or None when they are not one strided run."""
-    dims = [(size, stride) for size, stride in zip(shape, strides, strict=True) if size != 1]
-    if any(outer != inner * size for (_, outer), (size, inner) in zip(dims, dims[1:], strict=False)):
-        return None
-    return dims[-1][1] if dims else 1
-
-
-def as_ncs(t: torch.Tensor, lead: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``t`` addressed as (N, [C,] S): its ``lead`` leading strides and one spatial stride.
-
-    NCHW, channels_last, expanded (stride 0) and sliced batch/class views need no copy; spatial
-    dims that are not one strided run (e.g. a crop of W) are made contiguous first.
-    """
-    stride_s = _spatial_stride(t.shape[lead:], t.stride()[lead:])
-    if stride_s is None:
-        t = t.contiguous()
-        stride_s = _spatial_stride(t.shape[lead:], t.stride()[lead:])
-    return t, (*t.stride()[:lead], stride_s)
-
-
 def _common(logits, target, position_weight, sigma, mode):
     num_classes = logits.shape[1]
     positions = target.numel()
@@ -356,11 +336,8 @@ def blv_ce_bwd(
 ):  # fmt: skip
     """Fused backward: dL/dlogits, recomputing the forward's noise and softmax from its lse."""
     num_classes = logits.shape[1]
-    # The logits' layout where it is an (N, C, S) one (NCHW, channels_last), else contiguous.
-    grad = torch.empty_like(logits)
-    if _spatial_stride(grad.shape[2:], grad.stride()[2:]) is None:  # e.g. a permuted (N, H, C, W) order
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    d_strides = (*grad.stride()[:2], _spatial_stride(grad.shape[2:], grad.stride()[2:]))
+    grad = empty_gradient(logits)
+    _, d_strides = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
     logits, x_strides, target, t_strides, position_weight, w_strides, params, meta, positions = _common(
         logits, target, position_weight, sigma, mode
     )
