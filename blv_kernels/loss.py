@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import noise, reference
+from . import cuda, noise, reference
 from ._validation import check_loss_arguments
 from .prior import class_weights
 
@@ -19,7 +19,7 @@ except ImportError:  # no triton on this platform: the reference backend still w
 
 __all__ = ["blv_cross_entropy", "BLVLoss", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,10 +39,11 @@ def _blv_loss(
     backend = _resolve_backend(backend, logits, variation)
     if seed is None and variation is None and sigma > 0:
         seed = draw_seed(logits.device, generator)
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
         params = noise.variation_params(sigma, mode)  # validates sigma and mode
-        loss, _, _ = ops.blv_cross_entropy_fwd(
+        fused_fwd = ops.blv_cross_entropy_fwd if backend == "triton" else cuda.blv_cross_entropy_fwd
+        loss, _, _ = fused_fwd(
             logits, target, variation_weight.float().contiguous(),
             noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), float(sigma),
             "clamp" if params.clamp_mode else "abs", None if weight is None else weight.float().contiguous(),
@@ -60,8 +61,17 @@ def _resolve_backend(backend: str, logits: torch.Tensor, variation) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fused_ok = ops is not None and logits.dtype != torch.float64 and variation is None
-    if backend == "auto":
+    if backend == "auto":  # "triton" until the benchmark compares it with "cuda"
         return "triton" if fused_ok and logits.is_cuda else "reference"
+    if backend == "cuda":
+        if logits.dtype == torch.float64:
+            raise TypeError("backend='cuda' computes in float32: use backend='reference' for float64 logits")
+        if variation is not None:
+            raise ValueError("backend='cuda' generates the variation in registers: pass variation= only with "
+                             "backend='reference'")  # fmt: skip
+        if not logits.is_cuda:
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {logits.device}")
+        cuda.require()
     if backend == "triton":
         if ops is None:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
@@ -109,7 +119,8 @@ def blv_cross_entropy(
         generator: the ``torch.Generator`` to draw the seed from when ``seed`` is None.
         backend: ``"auto"`` picks the fused Triton kernel for CUDA tensors (float16, bfloat16,
             float32) and the plain-PyTorch ``"reference"`` otherwise; ``"triton"`` asks for the
-            kernel (on the CPU only under ``TRITON_INTERPRET=1``).
+            kernel (on the CPU only under ``TRITON_INTERPRET=1``); ``"cuda"`` the compiled CUDA
+            C++ kernel (same results, see ``blv_kernels.cuda``).
     """
     return _blv_loss(
         logits, target, reference.variation_weights_for(class_counts, logits, target), sigma, seed=seed, offset=offset,
