@@ -60,26 +60,24 @@ def _blv_loss(
 def _resolve_backend(backend: str, logits: torch.Tensor, variation) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    fused_ok = ops is not None and logits.dtype != torch.float64 and variation is None
     if backend == "auto":  # "triton" until the benchmark compares it with "cuda"
+        fused_ok = ops is not None and logits.dtype != torch.float64 and variation is None
         return "triton" if fused_ok and logits.is_cuda else "reference"
+    if backend == "reference":
+        return backend
+    # the fused backends
+    if logits.dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} computes in float32: use backend='reference' for float64 logits")
+    if variation is not None:
+        raise ValueError(f"backend={backend!r} generates the variation in registers: pass variation= only with "
+                         "backend='reference'")  # fmt: skip
     if backend == "cuda":
-        if logits.dtype == torch.float64:
-            raise TypeError("backend='cuda' computes in float32: use backend='reference' for float64 logits")
-        if variation is not None:
-            raise ValueError("backend='cuda' generates the variation in registers: pass variation= only with "
-                             "backend='reference'")  # fmt: skip
         if not logits.is_cuda:
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {logits.device}")
         cuda.require()
-    if backend == "triton":
+    else:
         if ops is None:
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if logits.dtype == torch.float64:
-            raise TypeError("backend='triton' computes in float32: use backend='reference' for float64 logits")
-        if variation is not None:
-            raise ValueError("backend='triton' generates the variation in registers: pass variation= only with "
-                             "backend='reference'")  # fmt: skip
         if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {logits.device}"
