@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cuda, noise, reference
-from ._validation import check_loss_arguments
+from ._validation import check_loss_arguments, check_reduction
 from .prior import class_weights
 
 try:
@@ -36,17 +36,17 @@ def _blv_loss(
     variation, position_weight, avg_factor, generator, backend,
 ):  # fmt: skip
     """Dispatch to a backend once the variation weights are known (shared by function and module)."""
+    noise.check_sigma_mode(sigma, mode)
     backend = _resolve_backend(backend, logits, variation)
     if seed is None and variation is None and sigma > 0:
         seed = draw_seed(logits.device, generator)
     if backend in ("triton", "cuda"):
         check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
-        params = noise.variation_params(sigma, mode)  # validates sigma and mode
         fused_fwd = ops.blv_cross_entropy_fwd if backend == "triton" else cuda.blv_cross_entropy_fwd
         loss, _, _ = fused_fwd(
             logits, target, variation_weight.float().contiguous(),
             noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), float(sigma),
-            "clamp" if params.clamp_mode else "abs", None if weight is None else weight.float().contiguous(),
+            mode, None if weight is None else weight.float().contiguous(),
             position_weight, int(ignore_index), "sum" if avg_factor is not None else reduction,
         )  # fmt: skip
         return loss if avg_factor is None else loss / avg_factor
@@ -148,6 +148,8 @@ class BLVLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        noise.check_sigma_mode(sigma, mode)
+        check_reduction(reduction)
         self.register_buffer("variation_weight", class_weights(class_counts, smoothing=smoothing))
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
         self.sigma = sigma

@@ -89,3 +89,17 @@ def test_gradient_flows(rng):
     logits.requires_grad_(True)
     blv_cross_entropy(logits, target, counts, ignore_index=255, seed=1).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [({"sigma": -1.0}, ValueError, "sigma"), ({"sigma": "6"}, TypeError, "sigma"), ({"mode": "x"}, ValueError, "mode"),
+     ({"reduction": "avg"}, ValueError, "reduction")],
+    ids=["negative-sigma", "string-sigma", "mode", "reduction"],
+)  # fmt: skip
+def test_bad_options_named_at_construction_and_call(kwargs, error, match, rng):
+    logits, target, counts = _batch(rng)
+    with pytest.raises(error, match=match):
+        BLVLoss(counts, **kwargs)
+    with pytest.raises(error, match=match):
+        blv_cross_entropy(logits, target, counts, ignore_index=255, **{"sigma": 6.0, **kwargs})
