@@ -16,7 +16,7 @@ if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --full ) ]]; then
 fi
 OUT=$1
 FULL=${2:-}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -55,6 +55,12 @@ run_stage() {
         outcome="timed out"
     elif [[ $rc -ne 0 ]]; then
         outcome="failed (exit $rc)"
+    fi
+    if [[ $outcome == "timed out" ]]; then
+        # A first-use build of the CUDA extension killed mid-way leaves torch's lock file behind,
+        # and every later load would wait on it until its stage's cap: the builder is dead, remove it.
+        find "${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions}" -maxdepth 3 \
+            -path '*blv_kernels_cuda*' -name lock -delete 2>/dev/null
     fi
     if [[ $outcome != ok ]]; then
         FAILED=1
