@@ -35,17 +35,28 @@ def _blv_loss(
     logits, target, variation_weight, sigma, *, seed, offset, mode, weight, ignore_index, reduction,
     variation, position_weight, avg_factor, generator, backend,
 ):  # fmt: skip
-    """Dispatch to a backend once the variation weights are known (shared by function and module)."""
-    noise.check_sigma_mode(sigma, mode)
+    """Dispatch to a backend once the variation weights are known (shared by function and module).
+
+    ``sigma`` is a Python number, or, for the Triton backend, the int64 tensor of its bits
+    (``noise.sigma_bits``) that BLVLoss keeps so that a changing sigma never recompiles a graph.
+    """
+    sigma_in_memory = isinstance(sigma, torch.Tensor)
+    if not sigma_in_memory:
+        noise.check_sigma(sigma)
+    noise.check_mode(mode)
     backend = _resolve_backend(backend, logits, variation)
-    if seed is None and variation is None and sigma > 0:
+    if seed is None and variation is None and (sigma_in_memory or sigma > 0):
         seed = draw_seed(logits.device, generator)
     if backend in ("triton", "cuda"):
         check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
-        fused_fwd = ops.blv_cross_entropy_fwd if backend == "triton" else cuda.blv_cross_entropy_fwd
+        if backend == "triton":
+            fused_fwd = ops.blv_cross_entropy_fwd
+            sigma = sigma.to(logits.device) if sigma_in_memory else noise.sigma_bits(sigma, logits.device)
+        else:
+            fused_fwd = cuda.blv_cross_entropy_fwd
         loss, _, _ = fused_fwd(
             logits, target, variation_weight.float().contiguous(),
-            noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), float(sigma),
+            noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), sigma,
             mode, None if weight is None else weight.float().contiguous(),
             position_weight, int(ignore_index), "sum" if avg_factor is not None else reduction,
         )  # fmt: skip
@@ -132,7 +143,9 @@ class BLVLoss(nn.Module):
 
     The variation weights ``w_c`` live in the buffer ``variation_weight`` (they follow
     ``.to(device)`` and the state dict); :meth:`set_class_counts` replaces them when the class
-    counts are re-estimated. ``sigma`` is a plain attribute, so a schedule may set it per step.
+    counts are re-estimated. ``sigma`` may be set at every step (a schedule): the Triton kernel
+    reads it from a device buffer, so neither the kernel nor a ``torch.compile`` graph
+    recompiles, and setting it does not sync.
     """
 
     def __init__(
@@ -152,11 +165,26 @@ class BLVLoss(nn.Module):
         check_reduction(reduction)
         self.register_buffer("variation_weight", class_weights(class_counts, smoothing=smoothing))
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
-        self.sigma = sigma
+        # sigma's float64 bits, read by the Triton kernel; not in the state dict (sigma is an option)
+        self.register_buffer("sigma_bits", noise.sigma_bits(sigma), persistent=False)
+        self._sigma = float(sigma)
         self.mode = mode
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.backend = backend
+
+    @property
+    def sigma(self) -> float:
+        return self._sigma
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self.sigma_bits.copy_(noise.sigma_bits(value, self.sigma_bits.device))
+        self._sigma = float(value)
+
+    def sigma_argument(self, logits: torch.Tensor):
+        """What the loss call takes as sigma: the device buffer for the Triton backend, else the number."""
+        return self.sigma_bits if _resolve_backend(self.backend, logits, None) == "triton" else self.sigma
 
     def set_class_counts(self, class_counts, *, smoothing: float = 0.0) -> None:
         """Replace the variation weights in place (same device, same number of classes)."""
@@ -171,7 +199,7 @@ class BLVLoss(nn.Module):
                 logits, target.long(), weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
             )
         return _blv_loss(
-            logits, target, self.variation_weight, self.sigma, seed=seed, offset=0, mode=self.mode,
+            logits, target, self.variation_weight, self.sigma_argument(logits), seed=seed, offset=0, mode=self.mode,
             weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction, variation=None,
             position_weight=None, avg_factor=None, generator=None, backend=self.backend,
         )  # fmt: skip

@@ -33,12 +33,13 @@ same float32 operations in Triton, so both give the same words bit for bit and t
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["variation", "philox4x32", "VariationParams", "variation_params", "seed_tensor"]
+__all__ = ["variation", "philox4x32", "VariationParams", "variation_params", "seed_tensor", "sigma_bits"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -82,13 +83,33 @@ class VariationParams(NamedTuple):
     clamp_mode: bool  # mode == "clamp"
 
 
-def check_sigma_mode(sigma: float, mode: str) -> None:
+def check_sigma(sigma: float) -> None:
     if isinstance(sigma, torch.Tensor) or not isinstance(sigma, (int, float)) or isinstance(sigma, bool):
         raise TypeError(f"sigma must be a Python number, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+
+
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def check_sigma_mode(sigma: float, mode: str) -> None:
+    check_sigma(sigma)
+    check_mode(mode)
+
+
+def sigma_bits(sigma: float, device=None) -> torch.Tensor:
+    """``sigma``'s float64 bit pattern as a 0-dim int64 tensor: what the Triton kernel reads.
+
+    Read from memory rather than passed as a number, sigma can change every step (a schedule)
+    without recompiling a ``torch.compile`` graph; held as an integer, a module-wide
+    ``.to(dtype)`` leaves it exact. ``torch.full`` fills on the device: no copy, no sync.
+    """
+    check_sigma(sigma)
+    (bits,) = struct.unpack("<q", struct.pack("<d", float(sigma)))
+    return torch.full((), bits, dtype=torch.int64, device=device)
 
 
 def variation_params(sigma: float, mode: str) -> VariationParams:

@@ -22,7 +22,7 @@ def blv_cross_entropy_fwd(
     variation_weight: torch.Tensor,
     seed: torch.Tensor,
     offset: int,
-    sigma: float,
+    sigma: torch.Tensor,
     mode: str,
     class_weight: torch.Tensor | None,
     position_weight: torch.Tensor | None,
@@ -51,7 +51,7 @@ def blv_cross_entropy_bwd(
     variation_weight: torch.Tensor,
     seed: torch.Tensor,
     offset: int,
-    sigma: float,
+    sigma: torch.Tensor,
     mode: str,
     class_weight: torch.Tensor | None,
     position_weight: torch.Tensor | None,
@@ -75,13 +75,13 @@ def _setup_context(ctx, inputs, output):
     (logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
      ignore_index, reduction) = inputs  # fmt: skip
     _, lse, denom = output
-    ctx.save_for_backward(logits, target, variation_weight, seed, class_weight, position_weight, lse, denom)
-    ctx.options = (offset, sigma, mode, ignore_index, reduction)
+    ctx.save_for_backward(logits, target, variation_weight, seed, sigma, class_weight, position_weight, lse, denom)
+    ctx.options = (offset, mode, ignore_index, reduction)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_denom):
-    logits, target, variation_weight, seed, class_weight, position_weight, lse, denom = ctx.saved_tensors
-    offset, sigma, mode, ignore_index, reduction = ctx.options
+    logits, target, variation_weight, seed, sigma, class_weight, position_weight, lse, denom = ctx.saved_tensors
+    offset, mode, ignore_index, reduction = ctx.options
     grad = blv_cross_entropy_bwd(
         grad_loss, logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
         lse, denom, ignore_index, reduction,

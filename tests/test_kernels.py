@@ -42,22 +42,27 @@ def poisoned(monkeypatch):
 
 
 @triton.jit
-def _variation_kernel(words_ptr, out_ptr, n, scale, threshold, USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+def _variation_kernel(words_ptr, sigma_ptr, params_ptr, out_ptr, n, CLAMP_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    scale, threshold = kmod._variation_params(sigma_ptr)
+    tl.store(params_ptr, scale)
+    tl.store(params_ptr + 1, threshold)
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     words = tl.load(words_ptr + o, mask=o < n).to(tl.uint32)
-    tl.store(out_ptr + o, kmod._variation(words, scale, threshold, USE_POLY, CLAMP_MODE), mask=o < n)
+    tl.store(out_ptr + o, kmod._variation(words, scale, threshold, CLAMP_MODE), mask=o < n)
 
 
 @pytest.mark.parametrize("mode", ["abs", "clamp"])
-@pytest.mark.parametrize("sigma", [0.05, 0.5, 1.0, 4.0, 6.0])
+@pytest.mark.parametrize("sigma", [0.0, 0.05, 0.5, 0.9618, 1.0, 4.0, 6.0])
 def test_kernel_transform_matches_pytorch(sigma, mode, rng):
     params = noise.variation_params(sigma, mode)
     words = torch.randint(0, 2**32, (20_000,), generator=rng)
     ref = noise.variation_from_words(words, params)
-    tri = torch.full_like(ref, float("nan"))
-    _variation_kernel[(20,)](words.to(DEVICE), tri := tri.to(DEVICE), words.numel(), params.scale, params.threshold,
-                             params.use_poly, params.clamp_mode, BLOCK=1024)  # fmt: skip
+    tri = torch.full_like(ref, float("nan"), device=DEVICE)
+    tri_params = torch.full((2,), float("nan"), device=DEVICE)
+    _variation_kernel[(20,)](words.to(DEVICE), noise.sigma_bits(sigma, DEVICE), tri_params, tri, words.numel(),
+                             params.clamp_mode, BLOCK=1024)  # fmt: skip
+    # sigma -> (scale, threshold) on the device in fp64, as on the host: equal after the fp32 rounding
+    assert tri_params.tolist() == [params.scale, params.threshold]
     # same float32 operations; only log (and fma contraction on a GPU) may differ by an ulp
     torch.testing.assert_close(tri.cpu(), ref, rtol=4 * 2**-24, atol=2**-24)
     assert torch.equal(tri.cpu() == 1, ref == 1)
@@ -344,3 +349,4 @@ def test_more_than_2_31_elements_on_gpu(rng):
     (ref_grad,) = torch.autograd.grad(ref, xs, torch.ones_like(ref))
     torch.testing.assert_close(loss[:, -tail:].float(), ref, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(grad[:, :, -tail:].float(), ref_grad, rtol=2e-3, atol=1e-3)
+

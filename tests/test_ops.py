@@ -5,7 +5,7 @@ import torch
 import torch._inductor.config
 from torch import nn
 
-from blv_kernels import BLVLoss, noise
+from blv_kernels import BLVLoss, blv_cross_entropy, noise
 from blv_kernels import ops as blv_ops
 
 HAS_CUDA = torch.cuda.is_available()
@@ -20,7 +20,7 @@ def _op_args(rng, reduction, *, weight=False, position_weight=False):
     cw = (torch.rand(7, generator=rng) + 0.5).to(DEVICE) if weight else None
     pw = (torch.rand(2, 3, 5, generator=rng) + 0.5).to(DEVICE) if position_weight else None
     seed = noise.seed_tensor(int(torch.randint(0, 2**62, (), generator=rng)), DEVICE)
-    return (x, target, w, seed, 17, 6.0, "abs", cw, pw, -100, reduction)
+    return (x, target, w, seed, 17, noise.sigma_bits(6.0, DEVICE), "abs", cw, pw, -100, reduction)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -40,9 +40,9 @@ class _TinySegmenter(nn.Module):
         return self.loss(self.conv(image), labels)
 
 
-def test_compile_fullgraph_matches_eager(rng, monkeypatch):
-    # inductor draws random numbers its own way unless told to fall back to eager's generator
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+# inductor draws random numbers its own way unless told to fall back to eager's generator
+@torch._inductor.config.patch(fallback_random=True)
+def test_compile_fullgraph_matches_eager(rng):
     model = _TinySegmenter(5).to(DEVICE)
     model.loss.backend = "triton"
     image = torch.randn(2, 3, 6, 7, generator=rng).to(DEVICE)
@@ -56,6 +56,27 @@ def test_compile_fullgraph_matches_eager(rng, monkeypatch):
     (grad,) = torch.autograd.grad(loss, model.conv.weight)
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(grad, eager_grad)
+
+
+def test_sigma_schedule_does_not_recompile(rng):
+    # sigma is read from a device buffer: setting it every step changes no guard of the graph
+    model = _TinySegmenter(5).to(DEVICE)
+    model.loss.backend = "triton"
+    image = torch.randn(2, 3, 4, 5, generator=rng).to(DEVICE)
+    labels = torch.randint(0, 5, (2, 4, 5), generator=rng, dtype=torch.uint8).to(DEVICE)
+    compiles = []
+    compiled = torch.compile(model, fullgraph=True, backend=lambda gm, _: compiles.append(gm) or gm.forward)
+    for sigma in (0.0, 0.5, 2.0, 6.0):  # both erfinv paths and no variation at all
+        model.loss.sigma = sigma
+        torch.manual_seed(7)
+        loss = compiled(image, labels)
+        torch.manual_seed(7)
+        torch.testing.assert_close(loss, model(image, labels))
+        torch.manual_seed(7)
+        expected = blv_cross_entropy(model.conv(image), labels, list(range(1, 6)), sigma, ignore_index=255,
+                                     backend="reference")  # fmt: skip
+        torch.testing.assert_close(loss, expected)
+    assert len(compiles) == 1
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs and sync debug mode need a GPU")

@@ -107,7 +107,8 @@ class MMSegBLVLoss(BLVLoss):
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
         loss = _blv_loss(
-            cls_score, label, self.variation_weight, self.sigma if self.training else 0.0, seed=None, offset=0,
+            cls_score, label, self.variation_weight, self.sigma_argument(cls_score) if self.training else 0.0,
+            seed=None, offset=0,
             mode=self.mode, weight=self.weight, ignore_index=ignore_index, reduction=reduction, variation=None,
             position_weight=None if weight is None else weight.float(), avg_factor=avg_factor, generator=None,
             backend=self.backend,

@@ -44,6 +44,7 @@ from .._validation import invalid_target_mask, raise_or_assert_no_bad_labels
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = map(tl.constexpr, noise.ERFINV_POLY)
 _GC0, _GC1, _GC2, _GC3, _GC4, _GC5, _GC6, _GC7, _GC8 = map(tl.constexpr, noise.ERFINV_GILES_CENTRAL)
 _GT0, _GT1, _GT2, _GT3, _GT4, _GT5, _GT6, _GT7, _GT8 = map(tl.constexpr, noise.ERFINV_GILES_TAIL)
+_POLY_MAX = tl.constexpr(noise.ERFINV_POLY_MAX)
 
 
 @triton.jit
@@ -60,14 +61,26 @@ def _horner8(x, c0: tl.constexpr, c1: tl.constexpr, c2: tl.constexpr, c3: tl.con
 
 
 @triton.jit
-def _variation(word, scale, threshold, USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr):
+def _variation_params(sigma_ptr):
+    """noise.variation_params on the device, from sigma's float64 bits in memory (noise.sigma_bits):
+    scale = sigma*sqrt(2), threshold = erf(1 / scale) (1 at sigma = 0), both in fp64, rounded
+    to fp32. sigma is read, not passed, so a schedule that changes it neither recompiles the
+    kernel nor, under torch.compile, the graph."""
+    sigma = tl.load(sigma_ptr).to(tl.float64, bitcast=True)
+    scale = sigma * tl.full((), 1.4142135623730951, tl.float64)  # a float literal would be fp32
+    threshold = tl.where(sigma > 0, tl.math.erf(1.0 / scale), 1.0)
+    return scale.to(tl.float32), threshold.to(tl.float32)
+
+
+@triton.jit
+def _variation(word, scale, threshold, CLAMP_MODE: tl.constexpr):
     """Philox word -> v, the transform of blv_kernels.noise.variation_from_words."""
     u = (word >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
     if CLAMP_MODE:
         t = tl.maximum(2.0 * u - 1.0, 0.0)  # eps <= 0 -> t = 0 -> v = 0
     else:
         t = u
-    if USE_POLY:  # t < threshold <= 0.7: erfinv(t) = t * P(t^2)
+    if threshold <= _POLY_MAX:  # uniform branch; t < threshold <= 0.7: erfinv(t) = t * P(t^2)
         e = t * _horner8(t * t, _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8)
     else:  # Giles' erfinv
         w = -tl.log((1.0 - t) * (1.0 + t))
@@ -80,14 +93,14 @@ def _variation(word, scale, threshold, USE_POLY: tl.constexpr, CLAMP_MODE: tl.co
 
 @triton.jit
 def _perturbed_tile(x_row_ptr, var_w_ptr, o_c, m_p, word, C, stride_xc, scale, threshold,
-                    HAS_VARIATION: tl.constexpr, USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr):  # fmt: skip
+                    CLAMP_MODE: tl.constexpr):  # fmt: skip
     """z = x + v*w for classes o_c [BLOCK_G] x positions [BLOCK_P], -inf where c >= C."""
     m_c = o_c < C
     p_x = x_row_ptr[None, :] + o_c[:, None].to(tl.int64) * stride_xc
     b_x = tl.load(p_x, mask=m_c[:, None] & m_p[None, :], other=0.0).to(tl.float32)
-    if HAS_VARIATION:
+    if scale > 0:  # uniform branch: sigma = 0 is plain cross-entropy
         b_w = tl.load(var_w_ptr + o_c, mask=m_c, other=0.0)
-        b_x = b_x + _variation(word, scale, threshold, USE_POLY, CLAMP_MODE) * b_w[:, None]
+        b_x = b_x + _variation(word, scale, threshold, CLAMP_MODE) * b_w[:, None]
     return tl.where(m_c[:, None], b_x, float("-inf"))
 
 
@@ -124,29 +137,24 @@ def _position_setup(pid, target_ptr, pos_w_ptr, cls_w_ptr, P, S, C, offset, stri
 
 @triton.jit
 def _perturbed_chunk(x_row_ptr, var_w_ptr, seed, ctr_lo, ctr_hi, m_p, c_start, C, stride_xc, scale, threshold,
-                     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, HAS_VARIATION: tl.constexpr,
-                     USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr):  # fmt: skip
+                     BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr, CLAMP_MODE: tl.constexpr):  # fmt: skip
     """The perturbed logits of classes [c_start, c_start + 4*BLOCK_G) as four interleaved tiles.
 
     Tile k holds classes 4g + k; one Philox call per (group g, position) gives word k to tile k.
     """
     o_g = c_start // 4 + tl.arange(0, BLOCK_G)
-    ctr_lo = tl.broadcast_to(ctr_lo[None, :], (BLOCK_G, BLOCK_P))
-    if HAS_VARIATION:
-        ctr_hi = tl.broadcast_to(ctr_hi[None, :], (BLOCK_G, BLOCK_P))
-        ctr_g = tl.broadcast_to(o_g[:, None].to(tl.uint32), (BLOCK_G, BLOCK_P))
-        r0, r1, r2, r3 = tl.philox(seed, ctr_lo, ctr_hi, ctr_g, tl.zeros_like(ctr_g))
+    b_lo = tl.broadcast_to(ctr_lo[None, :], (BLOCK_G, BLOCK_P))
+    if scale > 0:  # uniform branch; new names only inside it, as both branches must yield one type
+        b_hi = tl.broadcast_to(ctr_hi[None, :], (BLOCK_G, BLOCK_P))
+        b_g = tl.broadcast_to(o_g[:, None].to(tl.uint32), (BLOCK_G, BLOCK_P))
+        r0, r1, r2, r3 = tl.philox(seed, b_lo, b_hi, b_g, tl.zeros_like(b_g))
     else:  # sigma = 0: no words needed
-        r0, r1, r2, r3 = ctr_lo, ctr_lo, ctr_lo, ctr_lo
+        r0, r1, r2, r3 = b_lo, b_lo, b_lo, b_lo
     o_c = 4 * o_g
-    z0 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c, m_p, r0, C, stride_xc, scale, threshold,
-                         HAS_VARIATION, USE_POLY, CLAMP_MODE)  # fmt: skip
-    z1 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 1, m_p, r1, C, stride_xc, scale, threshold,
-                         HAS_VARIATION, USE_POLY, CLAMP_MODE)  # fmt: skip
-    z2 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 2, m_p, r2, C, stride_xc, scale, threshold,
-                         HAS_VARIATION, USE_POLY, CLAMP_MODE)  # fmt: skip
-    z3 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 3, m_p, r3, C, stride_xc, scale, threshold,
-                         HAS_VARIATION, USE_POLY, CLAMP_MODE)  # fmt: skip
+    z0 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c, m_p, r0, C, stride_xc, scale, threshold, CLAMP_MODE)
+    z1 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 1, m_p, r1, C, stride_xc, scale, threshold, CLAMP_MODE)
+    z2 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 2, m_p, r2, C, stride_xc, scale, threshold, CLAMP_MODE)
+    z3 = _perturbed_tile(x_row_ptr, var_w_ptr, o_c + 3, m_p, r3, C, stride_xc, scale, threshold, CLAMP_MODE)
     return o_c, z0, z1, z2, z3
 
 
@@ -158,16 +166,17 @@ def _blv_ce_fwd_kernel(
     cls_w_ptr,  # class weights of F.cross_entropy (C,), if HAS_CLASS_WEIGHT
     pos_w_ptr,  # per-position weights (N, S), if HAS_POS_WEIGHT
     seed_ptr,  # 64-bit Philox key, int64 0-dim
+    sigma_ptr,  # standard deviation of eps: its float64 bits, int64 0-dim
     loss_ptr,  # out: weighted loss per position (N*S,), if STORE_LOSS
     lse_ptr,  # out: logsumexp of the perturbed logits per position, fp32 (N*S,)
     partial_ptr,  # out: per program [sum of weighted losses, sum of weights], fp32 (programs, 2)
     bad_ptr,  # out: per program number of labels outside [0, C) that are not ignore_index, int32
     P, S, C, offset,  # positions N*S, spatial size, classes, stream offset
     stride_xn, stride_xc, stride_xs, stride_tn, stride_ts, stride_wn, stride_ws,
-    ignore_index, scale, threshold,  # label to skip; sigma*sqrt(2) and erf(1/(sigma*sqrt(2)))
+    ignore_index,  # label to skip
     BLOCK_P: tl.constexpr,  # positions per program
     BLOCK_G: tl.constexpr,  # groups of four classes per chunk
-    HAS_VARIATION: tl.constexpr, USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr,
+    CLAMP_MODE: tl.constexpr,  # v = clamp(eps, 0, 1) instead of min(|eps|, 1)
     HAS_CLASS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, STORE_LOSS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -176,6 +185,7 @@ def _blv_ce_fwd_kernel(
         ignore_index, BLOCK_P, HAS_CLASS_WEIGHT, HAS_POS_WEIGHT,
     )  # fmt: skip
     seed = tl.load(seed_ptr)
+    scale, threshold = _variation_params(sigma_ptr)
     x_row_ptr = x_ptr + o_n * stride_xn + o_s * stride_xs
 
     # online softmax: m = running max of z, d = sum_c exp(z_c - m); z_t = perturbed target logit
@@ -185,7 +195,7 @@ def _blv_ce_fwd_kernel(
     for c_start in range(0, C, 4 * BLOCK_G):
         o_c, z0, z1, z2, z3 = _perturbed_chunk(
             x_row_ptr, var_w_ptr, seed, ctr_lo, ctr_hi, m_p, c_start, C, stride_xc, scale, threshold,
-            BLOCK_G, BLOCK_P, HAS_VARIATION, USE_POLY, CLAMP_MODE,
+            BLOCK_G, BLOCK_P, CLAMP_MODE,
         )  # fmt: skip
         m_new = tl.maximum(tl.maximum(tl.max(z0, 0), tl.max(z1, 0)), tl.maximum(tl.max(z2, 0), tl.max(z3, 0)))
         m_new = tl.maximum(b_m, m_new)
@@ -222,7 +232,7 @@ def _grad_tile(dx_row_ptr, o_c, z, b_lse, b_t, b_coef, m_p, C, stride_dc):
 
 @triton.jit
 def _blv_ce_bwd_kernel(
-    x_ptr, target_ptr, var_w_ptr, cls_w_ptr, pos_w_ptr, seed_ptr,  # as in the forward
+    x_ptr, target_ptr, var_w_ptr, cls_w_ptr, pos_w_ptr, seed_ptr, sigma_ptr,  # as in the forward
     lse_ptr,  # the forward's logsumexp per position, fp32 (N*S,)
     grad_loss_ptr,  # dL/dloss: per position (N, S) for "none", a scalar otherwise (strides 0)
     denom_ptr,  # the divisor of "mean" (sum of weights of valid positions), if IS_MEAN
@@ -230,9 +240,8 @@ def _blv_ce_bwd_kernel(
     P, S, C, offset,
     stride_xn, stride_xc, stride_xs, stride_tn, stride_ts, stride_wn, stride_ws, stride_gn, stride_gs,
     stride_dn, stride_dc, stride_ds,
-    ignore_index, scale, threshold,
-    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
-    HAS_VARIATION: tl.constexpr, USE_POLY: tl.constexpr, CLAMP_MODE: tl.constexpr,
+    ignore_index,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, CLAMP_MODE: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, IS_MEAN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -241,6 +250,7 @@ def _blv_ce_bwd_kernel(
         ignore_index, BLOCK_P, HAS_CLASS_WEIGHT, HAS_POS_WEIGHT,
     )  # fmt: skip
     seed = tl.load(seed_ptr)
+    scale, threshold = _variation_params(sigma_ptr)
     x_row_ptr = x_ptr + o_n * stride_xn + o_s * stride_xs
     dx_row_ptr = dx_ptr + o_n * stride_dn + o_s * stride_ds
     b_lse = tl.load(lse_ptr + o_p, mask=m_p, other=0.0)
@@ -252,7 +262,7 @@ def _blv_ce_bwd_kernel(
     for c_start in range(0, C, 4 * BLOCK_G):
         o_c, z0, z1, z2, z3 = _perturbed_chunk(
             x_row_ptr, var_w_ptr, seed, ctr_lo, ctr_hi, m_p, c_start, C, stride_xc, scale, threshold,
-            BLOCK_G, BLOCK_P, HAS_VARIATION, USE_POLY, CLAMP_MODE,
+            BLOCK_G, BLOCK_P, CLAMP_MODE,
         )  # fmt: skip
         _grad_tile(dx_row_ptr, o_c, z0, b_lse, b_t, b_coef, m_p, C, stride_dc)
         _grad_tile(dx_row_ptr, o_c + 1, z1, b_lse, b_t, b_coef, m_p, C, stride_dc)
@@ -274,32 +284,29 @@ def block_sizes(num_classes: int) -> tuple[int, int]:
     return max(16, min(1024, 2048 // (4 * block_g))), block_g
 
 
-def _common(logits, target, position_weight, sigma, mode):
+def _common(logits, target, position_weight, mode):
     num_classes = logits.shape[1]
     positions = target.numel()
-    params = noise.variation_params(sigma, mode)
     block_p, block_g = block_sizes(num_classes)
     logits, x_strides = as_ncs(logits, 2)
     target, t_strides = as_ncs(target, 1)
     w_strides = (0, 0)
     if position_weight is not None:
         position_weight, w_strides = as_ncs(position_weight, 1)
-    meta = dict(
-        BLOCK_P=block_p, BLOCK_G=block_g, HAS_VARIATION=sigma > 0, USE_POLY=params.use_poly,
-        CLAMP_MODE=params.clamp_mode, num_warps=4,
-    )  # fmt: skip
-    return logits, x_strides, target, t_strides, position_weight, w_strides, params, meta, positions
+    meta = dict(BLOCK_P=block_p, BLOCK_G=block_g, CLAMP_MODE=mode == "clamp", num_warps=4)
+    return logits, x_strides, target, t_strides, position_weight, w_strides, meta, positions
 
 
 def blv_ce_fwd(
     logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight, ignore_index, reduction
 ):
     """Fused forward: returns (loss, lse, denom); loss as ``F.cross_entropy(..., reduction)`` gives it,
-    lse the per-position logsumexp the backward needs, denom the divisor of ``"mean"``."""
+    lse the per-position logsumexp the backward needs, denom the divisor of ``"mean"``. ``seed``
+    and ``sigma`` are 0-dim int64 device tensors (``noise.seed_tensor``, ``noise.sigma_bits``)."""
     num_classes = logits.shape[1]
     out_dtype = logits.dtype
-    logits, x_strides, target_ncs, t_strides, position_weight, w_strides, params, meta, positions = _common(
-        logits, target, position_weight, sigma, mode
+    logits, x_strides, target_ncs, t_strides, position_weight, w_strides, meta, positions = _common(
+        logits, target, position_weight, mode
     )
     programs = triton.cdiv(positions, meta["BLOCK_P"])
     device = logits.device
@@ -310,11 +317,11 @@ def blv_ce_fwd(
     loss = torch.empty(target.shape if store_loss else (), dtype=out_dtype, device=device)
     if programs:
         _blv_ce_fwd_kernel[(programs,)](
-            logits, target_ncs, variation_weight, class_weight, position_weight, seed,
+            logits, target_ncs, variation_weight, class_weight, position_weight, seed, sigma,
             loss, lse, partial, bad,
             positions, positions // max(logits.shape[0], 1), num_classes, offset,
             *x_strides, *t_strides, *w_strides,
-            ignore_index, params.scale, params.threshold,
+            ignore_index,
             HAS_CLASS_WEIGHT=class_weight is not None, HAS_POS_WEIGHT=position_weight is not None,
             STORE_LOSS=store_loss, **meta,
         )  # fmt: skip
@@ -338,8 +345,8 @@ def blv_ce_bwd(
     num_classes = logits.shape[1]
     grad = empty_gradient(logits)
     _, d_strides = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
-    logits, x_strides, target, t_strides, position_weight, w_strides, params, meta, positions = _common(
-        logits, target, position_weight, sigma, mode
+    logits, x_strides, target, t_strides, position_weight, w_strides, meta, positions = _common(
+        logits, target, position_weight, mode
     )
     g_strides = (0, 0)
     if reduction == "none":
@@ -347,11 +354,11 @@ def blv_ce_bwd(
     programs = triton.cdiv(positions, meta["BLOCK_P"])
     if programs:
         _blv_ce_bwd_kernel[(programs,)](
-            logits, target, variation_weight, class_weight, position_weight, seed,
+            logits, target, variation_weight, class_weight, position_weight, seed, sigma,
             lse, grad_loss, denom, grad,
             positions, positions // max(logits.shape[0], 1), num_classes, offset,
             *x_strides, *t_strides, *w_strides, *g_strides, *d_strides,
-            ignore_index, params.scale, params.threshold,
+            ignore_index,
             HAS_CLASS_WEIGHT=class_weight is not None, HAS_POS_WEIGHT=position_weight is not None,
             IS_MEAN=reduction == "mean", **meta,
         )  # fmt: skip
