@@ -278,10 +278,11 @@ _CHUNK_COST = 8  # per-position cost of one class chunk (rescale exp, reductions
 
 def block_sizes(num_classes: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_G): the group count per chunk that minimises padded work plus per-chunk cost,
-    then as many positions as keep about 2048 elements in flight per program (untuned on a GPU)."""
+    then as many positions as keep about 2048 elements in flight per program, at most 128: more
+    spill registers on sm_90 (``python -m blv_kernels.kernels.compile_report``). Untuned on a GPU."""
     groups = triton.cdiv(num_classes, 4)
     block_g = min((1, 2, 4, 8, 16), key=lambda g: (triton.cdiv(groups, g) * (4 * g + _CHUNK_COST), -g))
-    return max(16, min(1024, 2048 // (4 * block_g))), block_g
+    return min(128, 2048 // (4 * block_g)), block_g
 
 
 def _common(logits, target, position_weight, mode):
