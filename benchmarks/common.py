@@ -15,23 +15,19 @@ import torch
 
 import blv_kernels
 from blv_kernels import BLVLoss
+from blv_kernels.integrations.known_counts import GTA5_CLASS_COUNTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUANTILES = (0.5, 0.2, 0.8)  # median, then the 20% and 80% quantiles, as triton.testing.do_bench reports them
 SIGMA = 6.0  # the paper's value for most tasks
 IGNORE_INDEX = 255
-# GTA5 pixel counts of the 19 Cityscapes classes in trainId order (BLV_SPEC.md section 7): a real long tail.
-GTA5_COUNTS = (
-    16099193283, 4155428633, 8478285320, 925367586, 317481282, 531401266, 67288808, 40463971, 3810296251,
-    1074861777, 6784666433, 181828023, 15321782, 1259269812, 564950248, 184638969, 32522117, 15799033, 2718199,
-)  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def class_counts(num_classes: int) -> list[int]:
     """A long-tailed prior: GTA5's Cityscapes counts for 19 classes, a Zipf-like one otherwise."""
-    if num_classes == len(GTA5_COUNTS):
-        return list(GTA5_COUNTS)
+    if num_classes == len(GTA5_CLASS_COUNTS):
+        return list(GTA5_CLASS_COUNTS)
     return [round(1e9 / (c + 1) ** 1.5) for c in range(num_classes)]
 
 

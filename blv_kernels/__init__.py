@@ -8,7 +8,7 @@ and takes softmax cross-entropy.
 from . import reference
 from .loss import BLVLoss, blv_cross_entropy
 from .noise import variation
-from .prior import class_weights
+from .weights import class_weights
 
 __all__ = ["BLVLoss", "blv_cross_entropy", "class_weights", "variation", "reference"]
 __version__ = "0.1.0"

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, class_weights
-from .integrations.counting import count_label_files, save_counts
-from .integrations.priors import GTA5_CLASS_COUNTS
+from .integrations.dataset_counts import count_label_files, save_counts
+from .integrations.known_counts import GTA5_CLASS_COUNTS
 from .loss import BACKENDS, blv_cross_entropy
 
 COMMANDS = ("demo", "count-classes")

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import cuda, noise, reference
 from ._validation import check_loss_arguments, check_reduction
-from .prior import class_weights
+from .weights import class_weights
 
 try:
     from . import ops

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import noise
 from ._validation import check_logits_target, check_loss_arguments, check_target_values
-from .prior import class_weights
+from .weights import class_weights
 
 __all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights"]
 

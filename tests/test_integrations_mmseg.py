@@ -13,7 +13,7 @@ import torch
 from blv_kernels import noise, reference
 from blv_kernels.integrations.mmseg import EPS, MMSegBLVLoss
 from blv_kernels.loss import draw_seed
-from blv_kernels.prior import class_weights
+from blv_kernels.weights import class_weights
 
 IGNORE = 255
 

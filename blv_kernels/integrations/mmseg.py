@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..loss import BLVLoss, _blv_loss
-from .counting import load_counts
+from .dataset_counts import load_counts
 
 __all__ = ["MMSegBLVLoss"]
 

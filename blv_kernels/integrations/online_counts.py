@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._validation import check_target_values
-from ..prior import class_weights
+from ..weights import class_weights
 from ._modules import blv_losses
 
 __all__ = ["ClassCounter"]
