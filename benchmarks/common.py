@@ -15,6 +15,7 @@ import torch
 
 import blv_kernels
 from blv_kernels import BLVLoss
+from blv_kernels.backends import BACKENDS
 from blv_kernels.integrations.known_counts import GTA5_CLASS_COUNTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -147,10 +148,13 @@ def copy_bandwidth(device: torch.device, *, reps: int = 10) -> dict:
 
 def blv_backend_problem(backend: str, device: torch.device) -> str | None:
     """None when ``BLVLoss(backend=backend)`` runs forward and backward on ``device``, else why it does not."""
-    if backend not in blv_kernels.loss.BACKENDS:
-        return f"backend={backend!r} is not in this build (blv_kernels.loss.BACKENDS = {blv_kernels.loss.BACKENDS})"
+    if backend not in BACKENDS:
+        return f"backend={backend!r} is not in this build (blv_kernels.backends.BACKENDS: {', '.join(BACKENDS)})"
     if backend == "triton" and device.type != "cuda":
         return "the fused Triton kernel needs a CUDA device (on the CPU the Triton interpreter is no meaningful timing)"
+    error = BACKENDS[backend].why_not(device.type, torch.float32)
+    if error is not None:
+        return str(error)
     try:
         criterion = BLVLoss(class_counts(5), SIGMA, ignore_index=IGNORE_INDEX, backend=backend).to(device)
         logits = torch.randn(2, 5, 3, 4, device=device, requires_grad=True)

@@ -7,7 +7,10 @@ shapes, with the median and 20%/80% quantiles, the peak extra memory, the floor'
 (the logits read once, the gradient written once, the labels read), its GB/s and its share of
 the device-to-device copy bandwidth measured in the same run. Writes ``loss.json`` and PNG
 plots to DIR and prints a table. On the CPU the shapes shrink (``--size small``) and the GPU
-providers are reported as skipped, each with its reason; no provider is ever left out.
+providers are reported as skipped, each with its reason; no provider is ever left out. The CPU
+kernel's baselines beside F.cross_entropy:
+
+    python -m benchmarks.loss --device cpu --shapes cityscapes-cpu,classification-n8 --dtypes fp32,bf16
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ SHAPES = {
     "classification": Shape((65536, 1000), (2048, 1000), (32, 1000)),
     "cityscapes-n8-cl": Shape((8, 19, 512, 1024), (8, 19, 64, 128), (2, 19, 8, 16), channels_last=True),
     "ade20k-cl": Shape((16, 150, 512, 512), (4, 150, 32, 32), (2, 150, 4, 4), channels_last=True),
+    # the CPU kernel's baselines (training loops in CI on the CPU), full size on the CPU (small) too
+    "cityscapes-cpu": Shape((2, 19, 256, 256), (2, 19, 256, 256), (2, 19, 8, 16)),
+    "classification-n8": Shape((8, 1000), (8, 1000), (8, 1000)),
 }
 # --quick: the fused-kernel issue's baseline rows first, then one case of each other kind, so a
 # run cut short by its time budget still has the rows that matter most.
@@ -114,6 +120,7 @@ PROVIDERS = {
     "released": Provider("released BLV", "the released code: CPU Normal noise over N*C*H*W, copied over"),
     "triton": Provider("BLV Triton", "BLVLoss(backend='triton'), the fused Triton kernel", "triton"),
     "cuda": Provider("BLV CUDA C++", "BLVLoss(backend='cuda'), the CUDA C++ kernel", "cuda"),
+    "cpu": Provider("BLV CPU C++", "BLVLoss(backend='cpu'), the compiled CPU kernel", "cpu"),
 }
 
 

@@ -6,9 +6,9 @@ and takes softmax cross-entropy.
 """
 
 from . import reference
-from .loss import BLVLoss, blv_cross_entropy
+from .loss import BLVLoss, blv_cross_entropy, blv_cross_entropy_from_weights
 from .noise import variation
 from .weights import class_weights
 
-__all__ = ["BLVLoss", "blv_cross_entropy", "class_weights", "variation", "reference"]
+__all__ = ["BLVLoss", "blv_cross_entropy", "blv_cross_entropy_from_weights", "class_weights", "variation", "reference"]
 __version__ = "0.1.0"

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from . import __version__, class_weights
 from .integrations.dataset_counts import count_label_files, save_counts
 from .integrations.known_counts import GTA5_CLASS_COUNTS
-from .loss import BACKENDS, blv_cross_entropy
+from .backends import BACKEND_NAMES
+from .loss import blv_cross_entropy
 
 COMMANDS = ("demo", "count-classes")
 MAX_LISTED = 20  # files listed per kind of problem; the rest are only counted
@@ -35,7 +36,7 @@ def demo(args: argparse.Namespace) -> int:
     target[:, : h // 8] = 255  # a band of ignored pixels, as in Cityscapes' void label
 
     start = time.perf_counter()
-    loss = blv_cross_entropy(logits, target, counts, sigma=args.sigma, ignore_index=255, backend=args.backend)
+    loss = blv_cross_entropy(logits, target, class_counts=counts, sigma=args.sigma, ignore_index=255, backend=args.backend)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES)
     p.set_defaults(run=demo)
 
     p = commands.add_parser(

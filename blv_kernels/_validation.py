@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+
+from .noise import check_mode
 
 REDUCTIONS = ("none", "sum", "mean")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,17 +43,27 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_constant(name: str, tensor: torch.Tensor) -> None:
+    """Weights are constants of the loss on every backend (as F.cross_entropy's weight): no gradient flows to them."""
+    if tensor.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but BLV treats weights as constants on every backend (no gradient flows to "
+            f"them, as with F.cross_entropy's weight): pass {name}.detach()"
+        )
+
+
 def check_class_vector(name: str, vec: torch.Tensor | None, logits: torch.Tensor) -> None:
-    """A per-class float vector (class weight, variation weight): shape (C,), logits' device."""
+    """A per-class float vector (class weight, variation weight): shape (C,), logits' device, constant."""
     if vec is None:
         return
     if not isinstance(vec, torch.Tensor) or not vec.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor of shape (C,)")
+        raise TypeError(f"{name} must be a floating-point tensor of shape (C,), got {type(vec).__name__}")
     num_classes = logits.shape[1]
     if vec.shape != (num_classes,):
         raise ValueError(f"{name} must have shape ({num_classes},) for C={num_classes} classes, got {tuple(vec.shape)}")
     if vec.device != logits.device:
         raise ValueError(f"{name} is on {vec.device} but logits are on {logits.device}")
+    check_constant(name, vec)
 
 
 def check_position_weight(position_weight: torch.Tensor | None, target: torch.Tensor) -> None:
@@ -63,19 +77,46 @@ def check_position_weight(position_weight: torch.Tensor | None, target: torch.Te
         )
     if position_weight.device != target.device:
         raise ValueError(f"position_weight is on {position_weight.device} but target is on {target.device}")
+    check_constant("position_weight", position_weight)
+
+
+def check_avg_factor(avg_factor, reduction: str) -> None:
+    if avg_factor is None:
+        return
+    if reduction != "mean":
+        raise ValueError(
+            f"avg_factor divides the sum of a 'mean' reduction; it cannot be used with reduction={reduction!r}"
+        )
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.numel() != 1 or avg_factor.dtype == torch.bool or avg_factor.dtype.is_complex:
+            raise TypeError(f"avg_factor must be a number or a one-element tensor, got shape {tuple(avg_factor.shape)}")
+    elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
+        raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
 
 
 def check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor) -> None:
-    """Every check of a BLV loss call that needs no look at the label values."""
+    """Every check of a BLV loss call's tensors that needs no look at the label values."""
     check_logits_target(logits, target)
     check_class_vector("variation weight", variation_weight, logits)
     check_class_vector("weight", weight, logits)
     check_position_weight(position_weight, target)
     check_reduction(reduction)
-    if avg_factor is not None and reduction != "mean":
-        raise ValueError(
-            f"avg_factor divides the sum of a 'mean' reduction; it cannot be used with reduction={reduction!r}"
-        )
+    check_avg_factor(avg_factor, reduction)
+
+
+def check_options(*, ignore_index, label_smoothing, mode: str | None = None, reduction: str | None = None) -> None:
+    """The non-tensor options of a loss (numpy scalars are numbers too)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
+            or not 0.0 <= float(label_smoothing) <= 1.0):  # fmt: skip
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if mode is not None:
+        check_mode(mode)
+    if reduction is not None:
+        check_reduction(reduction)
 
 
 def invalid_target_mask(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -83,9 +124,10 @@ def invalid_target_mask(target: torch.Tensor, num_classes: int, ignore_index: in
 
 
 def raise_or_assert_no_bad_labels(num_bad: torch.Tensor, first_bad, num_classes: int, ignore_index: int) -> None:
-    """Raise on the host for CPU tensors; on an accelerator assert on the device (no sync)."""
+    """Raise on the host for CPU tensors; on an accelerator, or while torch.compile traces, assert
+    on the device (no sync, no graph break)."""
     message = f"target has {{}} value(s) outside [0, {num_classes}) that are not ignore_index={ignore_index}"
-    if num_bad.device.type == "cpu":
+    if num_bad.device.type == "cpu" and not torch.compiler.is_compiling():
         count = int(num_bad)
         if count:
             first = f" (first: {int(first_bad())})" if first_bad is not None else ""

@@ -1,25 +1,20 @@
-"""Public BLV loss: the functional entry point with backend choice, and the ``nn.Module``."""
+"""The public BLV loss: the functional form, its weights-level twin, and the ``nn.Module``.
+
+Each call is checked here once, normalised into a :class:`~blv_kernels.ops.BLVProblem` and
+handed to the backend ``backend=`` resolves to (``blv_kernels/backends``).
+"""
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import cuda, noise, reference
-from ._validation import check_loss_arguments, check_reduction
+from . import noise, ops, reference
+from ._validation import check_logits_target, check_loss_arguments, check_options
+from .backends import get_backend, resolve_backend
 from .weights import class_weights
 
-try:
-    from . import ops
-except ImportError:  # no triton on this platform: the reference backend still works
-    ops = None
-
-__all__ = ["blv_cross_entropy", "BLVLoss", "BACKENDS"]
-
-BACKENDS = ("auto", "reference", "triton", "cuda")
+__all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights", "plain_cross_entropy", "BLVLoss", "draw_seed"]
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,83 +26,19 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
 
 
-def _blv_loss(
-    logits, target, variation_weight, sigma, *, seed, offset, mode, weight, ignore_index, reduction,
-    variation, position_weight, avg_factor, generator, backend,
-):  # fmt: skip
-    """Dispatch to a backend once the variation weights are known (shared by function and module).
-
-    ``sigma`` is a Python number, or, for the Triton backend, the int64 tensor of its bits
-    (``noise.sigma_bits``) that BLVLoss keeps so that a changing sigma never recompiles a graph.
-    """
-    sigma_in_memory = isinstance(sigma, torch.Tensor)
-    if not sigma_in_memory:
-        noise.check_sigma(sigma)
-    noise.check_mode(mode)
-    backend = _resolve_backend(backend, logits, variation)
-    if seed is None and variation is None and (sigma_in_memory or sigma > 0):
-        seed = draw_seed(logits.device, generator)
-    if backend in ("triton", "cuda"):
-        check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
-        if backend == "triton":
-            fused_fwd = ops.blv_cross_entropy_fwd
-            sigma = sigma.to(logits.device) if sigma_in_memory else noise.sigma_bits(sigma, logits.device)
-        else:
-            fused_fwd = cuda.blv_cross_entropy_fwd
-        loss, _, _ = fused_fwd(
-            logits, target, variation_weight.float().contiguous(),
-            noise.seed_tensor(0 if seed is None else seed, logits.device), noise.check_offset(offset), sigma,
-            mode, None if weight is None else weight.float().contiguous(),
-            position_weight, int(ignore_index), "sum" if avg_factor is not None else reduction,
-        )  # fmt: skip
-        return loss if avg_factor is None else loss / avg_factor
-    return reference.blv_cross_entropy_from_weights(
-        logits, target, variation_weight, sigma, seed=seed, offset=offset, mode=mode, weight=weight,
-        ignore_index=ignore_index, reduction=reduction, variation=variation, position_weight=position_weight,
-        avg_factor=avg_factor,
-    )  # fmt: skip
-
-
-def _resolve_backend(backend: str, logits: torch.Tensor, variation) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":  # "triton" until the benchmark compares it with "cuda"
-        fused_ok = ops is not None and logits.dtype != torch.float64 and variation is None
-        return "triton" if fused_ok and logits.is_cuda else "reference"
-    if backend == "reference":
-        return backend
-    # the fused backends
-    if logits.dtype == torch.float64:
-        raise TypeError(f"backend={backend!r} computes in float32: use backend='reference' for float64 logits")
-    if variation is not None:
-        raise ValueError(f"backend={backend!r} generates the variation in registers: pass variation= only with "
-                         "backend='reference'")  # fmt: skip
-    if backend == "cuda":
-        if not logits.is_cuda:
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {logits.device}")
-        cuda.require()
-    else:
-        if ops is None:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {logits.device}"
-            )
-    return backend
-
-
 def blv_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
     class_counts,
     sigma: float = 6.0,
-    *,
     seed=None,
     offset: int = 0,
     mode: str = "abs",
-    weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
     variation: torch.Tensor | None = None,
     position_weight: torch.Tensor | None = None,
     avg_factor=None,
@@ -116,26 +47,127 @@ def blv_cross_entropy(
 ) -> torch.Tensor:
     """BLV loss, a drop-in for ``F.cross_entropy`` during training.
 
-    Computes ``F.cross_entropy(logits + v * w[c], target, weight, ignore_index, reduction)``
-    with ``w = class_weights(class_counts)`` and ``v`` the variation stream of
-    :func:`blv_kernels.variation`; the arguments are those of
-    :func:`blv_kernels.reference.blv_cross_entropy`, plus:
+    Computes ``F.cross_entropy(logits + v * w[c], target, weight, ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)`` with ``w = class_weights(class_counts)``
+    and ``v`` the variation stream of :func:`blv_kernels.variation`, the perturbed logits and
+    the softmax in float32 (float64 for float64 logits), the result in the logits' dtype.
+    ``weight`` is the third positional argument as in ``F.cross_entropy``; the class prior is
+    the keyword ``class_counts``.
 
     Args:
+        logits: ``(N, C)`` or ``(N, C, d1, ..., dk)``, float16 / bfloat16 / float32 (float64:
+            ``backend="reference"``), any strides (NCHW and channels_last are read in place).
+        target: ``(N, d1, ..., dk)`` class indices (uint8, int8, int16, int32 or int64); a label
+            outside ``[0, C)`` that is not ``ignore_index`` is an error.
+        weight, ignore_index, reduction, label_smoothing: as in ``F.cross_entropy``. ``weight``
+            is a constant (it must not require grad), as in ``F.cross_entropy``.
+        class_counts: per-class counts ``n_c`` (length C); see :func:`blv_kernels.class_weights`.
+        sigma: the standard deviation of ``eps``, a number >= 0; 0 gives plain cross-entropy.
         seed: an int in [0, 2**64) or a one-element integer tensor. ``None`` (default) draws a
             fresh seed from PyTorch's generator for the logits' device (or ``generator``), so
             ``torch.manual_seed`` makes runs reproducible and each call draws new noise.
+        offset: where in the stream the batch starts (position ``q = offset + n*S + s``).
+        mode: ``"abs"`` (``v = min(|eps|, 1)``, the released code) or ``"clamp"``
+            (``v = clamp(eps, 0, 1)``, the paper's pseudo-code).
+        variation: an explicit ``v`` of the logits' shape instead of the stream
+            (``backend="reference"`` only).
+        position_weight: per-position weights (the target's shape) multiplying each position's
+            loss, as mmseg's ``weight=``; a constant. With ``reduction="mean"`` the divisor stays
+            that of ``F.cross_entropy`` (the count, or the sum of class weights).
+        avg_factor: with ``reduction="mean"``, divide the weighted sum by this (a number or a
+            one-element tensor: mmseg's ``avg_factor``; ``target.numel()`` averages over all
+            positions, ignored ones counting as 0, as mmseg's ``avg_non_ignore=False``).
         generator: the ``torch.Generator`` to draw the seed from when ``seed`` is None.
-        backend: ``"auto"`` picks the fused Triton kernel for CUDA tensors (float16, bfloat16,
-            float32) and the plain-PyTorch ``"reference"`` otherwise; ``"triton"`` asks for the
-            kernel (on the CPU only under ``TRITON_INTERPRET=1``); ``"cuda"`` the compiled CUDA
-            C++ kernel (same results, see ``blv_kernels.cuda``).
+        backend: ``"auto"`` (the fused Triton kernel for CUDA tensors, the compiled C++ kernel
+            for CPU tensors, else the reference), or one of ``"reference"``, ``"triton"``,
+            ``"cuda"`` (CUDA C++), ``"cpu"`` (C++): see ``blv_kernels/backends``.
     """
-    return _blv_loss(
-        logits, target, reference.variation_weights_for(class_counts, logits, target), sigma, seed=seed, offset=offset,
-        mode=mode, weight=weight, ignore_index=ignore_index, reduction=reduction, variation=variation,
+    check_logits_target(logits, target)
+    variation_weight = class_weights(class_counts)
+    if variation_weight.numel() != logits.shape[1]:
+        raise ValueError(
+            f"class_counts has {variation_weight.numel()} entries but logits have C={logits.shape[1]} classes"
+        )
+    return blv_cross_entropy_from_weights(
+        logits, target, variation_weight.to(logits.device), weight, sigma=sigma, seed=seed, offset=offset, mode=mode,
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, variation=variation,
         position_weight=position_weight, avg_factor=avg_factor, generator=generator, backend=backend,
     )  # fmt: skip
+
+
+def blv_cross_entropy_from_weights(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    variation_weight: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    sigma: float = 6.0,
+    variation_params: torch.Tensor | None = None,
+    seed=None,
+    offset: int = 0,
+    mode: str = "abs",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    variation: torch.Tensor | None = None,
+    position_weight: torch.Tensor | None = None,
+    avg_factor=None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`blv_cross_entropy` with the variation weights ``w_c`` (shape (C,), on the logits'
+    device) instead of the counts: the entry point of :class:`BLVLoss` and the mmseg adapter.
+
+    ``variation_params``: the ``[scale, threshold]`` tensor of :func:`blv_kernels.noise.variation_params_tensor`
+    on the logits' device, read by the kernels instead of ``sigma`` (so that a graph need not
+    change when sigma does); :class:`BLVLoss` passes its own. Then the seed is always drawn.
+    """
+    check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor)
+    check_options(mode=mode, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    chosen = resolve_backend(backend, logits)
+    if variation is not None:
+        if chosen.fused:
+            raise ValueError(
+                f"backend={chosen.name!r} generates the variation in registers: pass variation= only with "
+                "backend='reference'"
+            )
+        if not isinstance(variation, torch.Tensor) or variation.shape != logits.shape:
+            shape = tuple(variation.shape) if isinstance(variation, torch.Tensor) else type(variation).__name__
+            raise ValueError(f"variation shape {shape} does not match logits shape {tuple(logits.shape)}")
+    device = logits.device
+    if variation_params is None:
+        noise.check_sigma(sigma)
+        variation_params = noise.variation_params_tensor(sigma, device)
+        draw = sigma > 0
+    else:
+        noise.check_variation_params_tensor(variation_params, device)
+        draw = True
+    if seed is None:
+        seed = draw_seed(device, generator) if draw and variation is None else noise.seed_tensor(0, device)
+    else:
+        seed = noise.seed_tensor(seed, device)
+    positions = target.numel()
+    weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the arithmetic's
+    problem = ops.BLVProblem(
+        logits=logits, target=target, variation_weight=variation_weight.float().contiguous(),
+        class_weight=None if weight is None else weight.to(weight_dtype).contiguous(),
+        position_weight=None if position_weight is None else position_weight.to(weight_dtype),
+        seed=seed, variation_params=variation_params, avg_factor=_avg_factor_tensor(avg_factor, device),
+        offset=noise.check_offset(offset, positions), ignore_index=int(ignore_index), reduction=reduction,
+        mode=mode, label_smoothing=float(label_smoothing),
+    )  # fmt: skip
+    if chosen.fused:
+        return ops.fused_loss(problem, chosen.name)
+    return reference.loss(problem, variation=variation)  # the one backend that is plain autograd
+
+
+def _avg_factor_tensor(avg_factor, device) -> torch.Tensor | None:
+    """avg_factor as a 0-dim float32 tensor on ``device``; a number is filled there (no copy, no sync)."""
+    if avg_factor is None:
+        return None
+    if isinstance(avg_factor, torch.Tensor):
+        return avg_factor.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(avg_factor), dtype=torch.float32, device=device)
 
 
 class BLVLoss(nn.Module):
@@ -143,9 +175,10 @@ class BLVLoss(nn.Module):
 
     The variation weights ``w_c`` live in the buffer ``variation_weight`` (they follow
     ``.to(device)`` and the state dict); :meth:`set_class_counts` replaces them when the class
-    counts are re-estimated. ``sigma`` may be set at every step (a schedule): the Triton kernel
-    reads it from a device buffer, so neither the kernel nor a ``torch.compile`` graph
-    recompiles, and setting it does not sync.
+    counts are re-estimated. ``sigma`` may be set at every step (a schedule): it is kept on the
+    device as the transform's constants, which every backend reads, so neither a kernel nor a
+    ``torch.compile`` graph recompiles, a replayed CUDA graph uses the new value, and setting it
+    does not sync.
     """
 
     def __init__(
@@ -157,20 +190,34 @@ class BLVLoss(nn.Module):
         weight: torch.Tensor | None = None,
         ignore_index: int = -100,
         reduction: str = "mean",
+        label_smoothing: float = 0.0,
         smoothing: float = 0.0,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        noise.check_sigma_mode(sigma, mode)
-        check_reduction(reduction)
-        self.register_buffer("variation_weight", class_weights(class_counts, smoothing=smoothing))
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
-        # sigma's float64 bits, read by the Triton kernel; not in the state dict (sigma is an option)
-        self.register_buffer("sigma_bits", noise.sigma_bits(sigma), persistent=False)
+        noise.check_sigma(sigma)
+        check_options(mode=mode, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+        if backend != "auto":
+            get_backend(backend)  # an unknown name fails here, not at the first step
+        variation_weight = class_weights(class_counts, smoothing=smoothing)
+        if weight is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+            if weight.shape != variation_weight.shape:
+                raise ValueError(
+                    f"weight must have one entry per class ({variation_weight.numel()}), got shape {tuple(weight.shape)}"
+                )
+        self.register_buffer("variation_weight", variation_weight)
+        self.register_buffer("weight", weight)
+        # [scale, threshold] of sigma as float32 bits: int32, so a module-wide .half() leaves them exact;
+        # not in the state dict (sigma is an option, set by the code that builds the loss)
+        self.register_buffer(
+            "variation_params_bits", noise.variation_params_tensor(sigma).view(torch.int32), persistent=False
+        )
         self._sigma = float(sigma)
         self.mode = mode
-        self.ignore_index = ignore_index
+        self.ignore_index = int(ignore_index)
         self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
         self.backend = backend
 
     @property
@@ -179,12 +226,10 @@ class BLVLoss(nn.Module):
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        self.sigma_bits.copy_(noise.sigma_bits(value, self.sigma_bits.device))
+        noise.check_sigma(value)
+        device = self.variation_params_bits.device
+        self.variation_params_bits.copy_(noise.variation_params_tensor(value, device).view(torch.int32))
         self._sigma = float(value)
-
-    def sigma_argument(self, logits: torch.Tensor):
-        """What the loss call takes as sigma: the device buffer for the Triton backend, else the number."""
-        return self.sigma_bits if _resolve_backend(self.backend, logits, None) == "triton" else self.sigma
 
     def set_class_counts(self, class_counts, *, smoothing: float = 0.0) -> None:
         """Replace the variation weights in place (same device, same number of classes)."""
@@ -193,19 +238,55 @@ class BLVLoss(nn.Module):
             raise ValueError(f"expected {self.variation_weight.numel()} class counts, got {w.numel()}")
         self.variation_weight.copy_(w)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, *, seed=None) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        seed=None,
+        position_weight: torch.Tensor | None = None,
+        avg_factor=None,
+    ) -> torch.Tensor:
+        """The loss of a batch; ``seed``, ``position_weight`` and ``avg_factor`` as in :func:`blv_cross_entropy`."""
+        options = dict(ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
+                       position_weight=position_weight, avg_factor=avg_factor)  # fmt: skip
         if not self.training:
-            return F.cross_entropy(
-                logits, target.long(), weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction
-            )
-        return _blv_loss(
-            logits, target, self.variation_weight, self.sigma_argument(logits), seed=seed, offset=0, mode=self.mode,
-            weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction, variation=None,
-            position_weight=None, avg_factor=None, generator=None, backend=self.backend,
+            return plain_cross_entropy(logits, target, self.weight, **options)
+        return blv_cross_entropy_from_weights(
+            logits, target, self.variation_weight, self.weight, variation_params=self.variation_params, seed=seed,
+            mode=self.mode, backend=self.backend, **options,
         )  # fmt: skip
+
+    @property
+    def variation_params(self) -> torch.Tensor:
+        """sigma's ``[scale, threshold]`` as the float32 tensor the backends read (a view of the buffer)."""
+        return self.variation_params_bits.view(torch.float32)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.variation_weight.numel()}, sigma={self.sigma}, mode={self.mode!r}, "
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, backend={self.backend!r}"
         )
+
+
+def plain_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    position_weight: torch.Tensor | None = None,
+    avg_factor=None,
+) -> torch.Tensor:
+    """What BLV is outside training: ``F.cross_entropy`` in the logits' dtype with the same weights
+    and reductions as :func:`blv_cross_entropy` (``position_weight``, ``avg_factor``)."""
+    check_loss_arguments(logits, target, None, weight, position_weight, reduction, avg_factor)
+    check_options(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return reference.weighted_cross_entropy(
+        logits, target.long(), None if weight is None else weight.to(logits.dtype), ignore_index=int(ignore_index),
+        reduction=reduction, label_smoothing=float(label_smoothing), position_weight=position_weight,
+        avg_factor=_avg_factor_tensor(avg_factor, logits.device),
+    )  # fmt: skip

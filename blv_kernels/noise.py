@@ -33,13 +33,12 @@ same float32 operations in Triton, so both give the same words bit for bit and t
 from __future__ import annotations
 
 import math
-import struct
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["variation", "philox4x32", "VariationParams", "variation_params", "seed_tensor", "sigma_bits"]
+__all__ = ["variation", "philox4x32", "VariationParams", "variation_params", "variation_params_tensor", "seed_tensor"]
 
 MASK32 = 0xFFFFFFFF
 PHILOX_ROUND_A = 0xD2511F53
@@ -75,17 +74,23 @@ def _f32(x: float) -> float:
 
 
 class VariationParams(NamedTuple):
-    """Host-side constants of the word -> v transform for one (sigma, mode)."""
+    """Constants of the word -> v transform for one (sigma, mode): Python numbers, or 0-dim
+    tensors read on the device (:func:`device_variation_params`)."""
 
-    scale: float  # sigma * sqrt(2), rounded to float32
-    threshold: float  # a = erf(1 / (sigma * sqrt(2))), rounded to float32; t >= a gives v = 1
-    use_poly: bool  # a <= ERFINV_POLY_MAX: the polynomial erfinv serves
+    scale: float | torch.Tensor  # sigma * sqrt(2), rounded to float32
+    threshold: float | torch.Tensor  # a = erf(1 / (sigma * sqrt(2))), rounded to float32; t >= a gives v = 1
+    use_poly: bool | torch.Tensor  # a <= ERFINV_POLY_MAX: the polynomial erfinv serves
     clamp_mode: bool  # mode == "clamp"
 
 
-def check_sigma(sigma: float) -> None:
-    if isinstance(sigma, torch.Tensor) or not isinstance(sigma, (int, float)) or isinstance(sigma, bool):
-        raise TypeError(f"sigma must be a Python number, got {type(sigma).__name__}")
+def check_sigma(sigma) -> None:
+    if isinstance(sigma, torch.Tensor):
+        raise TypeError(
+            "sigma must be a Python number, got a tensor: to change sigma during training without a sync or a "
+            "recompile, set BLVLoss.sigma (kept on the device)"
+        )
+    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (int, float, np.integer, np.floating)):
+        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
 
@@ -100,24 +105,32 @@ def check_sigma_mode(sigma: float, mode: str) -> None:
     check_mode(mode)
 
 
-def sigma_bits(sigma: float, device=None) -> torch.Tensor:
-    """``sigma``'s float64 bit pattern as a 0-dim int64 tensor: what the Triton kernel reads.
-
-    Read from memory rather than passed as a number, sigma can change every step (a schedule)
-    without recompiling a ``torch.compile`` graph; held as an integer, a module-wide
-    ``.to(dtype)`` leaves it exact. ``torch.full`` fills on the device: no copy, no sync.
-    """
-    check_sigma(sigma)
-    (bits,) = struct.unpack("<q", struct.pack("<d", float(sigma)))
-    return torch.full((), bits, dtype=torch.int64, device=device)
-
-
 def variation_params(sigma: float, mode: str) -> VariationParams:
     check_sigma_mode(sigma, mode)
     scale = sigma * math.sqrt(2.0)
     threshold = 1.0 if sigma == 0 else math.erf(1.0 / scale)
     threshold = _f32(threshold)
     return VariationParams(_f32(scale), threshold, threshold <= ERFINV_POLY_MAX, mode == "clamp")
+
+
+def variation_params_tensor(sigma: float, device=None) -> torch.Tensor:
+    """``[scale, threshold]`` of ``sigma`` as a float32 tensor on ``device``: what every backend reads.
+
+    Read from memory rather than passed as numbers, sigma can change at every step (a schedule)
+    without recompiling a kernel or a ``torch.compile`` graph, and a replayed CUDA graph sees
+    the new value. Filled on the device: no host-to-device copy, no sync.
+    """
+    params = variation_params(sigma, "abs")
+    out = torch.full((2,), params.scale, dtype=torch.float32, device=device)
+    out[1].fill_(params.threshold)
+    return out
+
+
+def device_variation_params(params: torch.Tensor, mode: str) -> VariationParams:
+    """The transform's constants from a :func:`variation_params_tensor`, as 0-dim tensors (no sync)."""
+    check_mode(mode)
+    scale, threshold = params.unbind()
+    return VariationParams(scale, threshold, threshold <= ERFINV_POLY_MAX, mode == "clamp")
 
 
 def seed_tensor(seed, device) -> torch.Tensor:
@@ -197,17 +210,30 @@ def variation_from_words(words: torch.Tensor, params: VariationParams) -> torch.
     """The transform word -> v of the module docstring, in float32."""
     u = (words >> 8).to(torch.float32) * 2.0**-24
     t = torch.clamp_min(2.0 * u - 1.0, 0.0) if params.clamp_mode else u
-    erfinv = erfinv_poly(t) if params.use_poly else erfinv_giles(t)
+    if isinstance(params.use_poly, torch.Tensor):  # decided on the device: both, then select
+        erfinv = torch.where(params.use_poly, erfinv_poly(t), erfinv_giles(t))
+    else:
+        erfinv = erfinv_poly(t) if params.use_poly else erfinv_giles(t)
     v = torch.clamp_max(params.scale * erfinv, 1.0)
     return torch.where(t < params.threshold, v, torch.ones_like(v))
 
 
-def check_offset(offset) -> int:
+def check_offset(offset, positions: int = 0) -> int:
+    """An offset of the stream for ``positions`` positions: every position q = offset + n*S + s
+    must stay below 2**63 (the stream is not defined past it)."""
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-    if not 0 <= offset < 2**63:
-        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
+    if not 0 <= offset <= 2**63 - 1 - positions:
+        raise ValueError(f"offset must be in [0, 2**63 - 1 - N*S] = [0, {2**63 - 1 - positions}], got {offset}")
     return int(offset)
+
+
+def check_variation_params_tensor(params, device) -> None:
+    """The ``[scale, threshold]`` tensor of :func:`variation_params_tensor`, on ``device``."""
+    if not isinstance(params, torch.Tensor) or params.dtype != torch.float32 or params.shape != (2,):
+        raise TypeError("variation_params must be the float32 tensor [scale, threshold] of variation_params_tensor()")
+    if params.device != torch.device(device):
+        raise ValueError(f"variation_params is on {params.device} but logits are on {device}")
 
 
 def variation(shape, sigma: float, *, seed, offset: int = 0, mode: str = "abs", device=None) -> torch.Tensor:
@@ -220,16 +246,19 @@ def variation(shape, sigma: float, *, seed, offset: int = 0, mode: str = "abs", 
     shape = torch.Size(shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be (N, C, ...) with at least 2 dimensions, got {tuple(shape)}")
-    params = variation_params(sigma, mode)
-    offset = check_offset(offset)
+    offset = check_offset(offset, shape[0] * math.prod(shape[2:]))
+    return variation_of(shape, variation_params(sigma, mode), seed_tensor(seed, device), offset)
+
+
+def variation_of(shape: torch.Size, params: VariationParams, key: torch.Tensor, offset: int) -> torch.Tensor:
+    """:func:`variation` from the transform's constants and the key tensor (on the output's device)."""
     n, c = shape[0], shape[1]
     s = math.prod(shape[2:])
-    key = seed_tensor(seed, device)
     # Per position q = offset + n*S + s (row-major over (N, S)); per group of four classes g.
     q = torch.arange(n * s, device=key.device, dtype=torch.int64) + offset
     g = torch.arange((c + 3) // 4, device=key.device, dtype=torch.int64)
     words = philox4x32(key, (q & MASK32)[:, None], (q >> 32)[:, None], g[None, :], 0)
     # word k of group g is class 4g + k: interleave to (N*S, 4G), keep C, move classes to dim 1.
-    words = torch.stack(torch.broadcast_tensors(*words), dim=-1).reshape(n * s, -1)[:, :c]
+    words = torch.stack(torch.broadcast_tensors(*words), dim=-1).reshape(n * s, 4 * len(g))[:, :c]
     v = variation_from_words(words, params)
     return v.reshape(n, s, c).permute(0, 2, 1).reshape(shape).contiguous()

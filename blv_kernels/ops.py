@@ -1,93 +1,190 @@
-"""The fused BLV loss as a torch.library op: fake (meta) and autograd registration.
+"""The operator contract every fused backend implements, registered once.
 
-``blv_kernels::blv_cross_entropy_fwd`` returns (loss, lse, denom) and saves nothing but its
-inputs and lse; its backward is ``blv_kernels::blv_cross_entropy_bwd``, which recomputes the
-noise and the softmax (see ``kernels/blv_cross_entropy.py`` for why). Registered with
-``register_fake`` and ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces
-through it and ``torch.library.opcheck`` passes.
+One call of the BLV loss is a :class:`BLVProblem`. A fused backend (``backends/``) computes,
+in one read of the logits, the loss and, when autograd will need it, the gradient of the loss
+for a ``grad_output`` of 1; the backward only scales that gradient by the real ``grad_output``,
+in place, and on the device reads nothing when it is exactly 1 (``loss.backward()`` of a
+"mean" or "sum" loss). So forward+backward moves the logits' bytes twice, like a copy, and the
+only extra memory is the gradient itself.
+
+``blv_kernels::fused_blv_cross_entropy`` is that call as a ``torch.library`` op with a fake
+(meta) implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
+through it and ``torch.library.opcheck`` passes. Everything a training loop may change between
+steps without recompiling is a tensor argument: the seed, the variation parameters (from sigma:
+``noise.variation_params_tensor``) and ``avg_factor``.
+
+The math of one position, the reductions and the label rule are spelled out in
+``csrc/blv_kernel.h``; in short, ``F.cross_entropy(z, target, weight, ignore_index, reduction,
+label_smoothing)`` of the perturbed logits ``z = x + v * w`` in float32, times the position
+weights, the result in the logits' dtype. Weights are constants: no backend differentiates
+with respect to them (``_validation.check_constant_weights``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import kernels
 from ._layout import empty_gradient
+from ._validation import invalid_target_mask, raise_or_assert_no_bad_labels
+
+__all__ = ["BLVProblem", "fused_blv_cross_entropy", "fused_loss", "check_labels", "mean_divisor", "reduced_loss"]
 
 
-@torch.library.custom_op("blv_kernels::blv_cross_entropy_fwd", mutates_args=())
-def blv_cross_entropy_fwd(
+@dataclass(frozen=True)
+class BLVProblem:
+    """One loss call, checked and normalised (``loss.blv_cross_entropy_from_weights`` builds it).
+
+    Tensors are on the logits' device; the weights are float32 and contiguous (per class) or
+    float32 (per position, any strides).
+    """
+
+    logits: torch.Tensor  # (N, C, d1..dk), float16 / bfloat16 / float32 (float64: reference only)
+    target: torch.Tensor  # (N, d1..dk), any integer dtype
+    variation_weight: torch.Tensor  # w_c, (C,)
+    class_weight: torch.Tensor | None  # F.cross_entropy's weight, (C,)
+    position_weight: torch.Tensor | None  # mmseg's per-position weight, the target's shape
+    seed: torch.Tensor  # 0-dim int64: the 64-bit Philox key
+    variation_params: torch.Tensor  # (2,) float32: [scale, threshold] of the word -> v transform
+    avg_factor: torch.Tensor | None  # 0-dim float32: the divisor of "mean" instead of the weights' sum
+    offset: int  # stream offset: position q = offset + n*S + s
+    ignore_index: int
+    reduction: str  # "none", "sum", "mean"
+    mode: str  # "abs" (v = min(|eps|, 1)) or "clamp" (v = clamp(eps, 0, 1))
+    label_smoothing: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def positions(self) -> int:
+        """N*S: the label count."""
+        return self.target.numel()
+
+
+@torch.library.custom_op("blv_kernels::fused_blv_cross_entropy", mutates_args=())
+def fused_blv_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     variation_weight: torch.Tensor,
-    seed: torch.Tensor,
-    offset: int,
-    sigma: torch.Tensor,
-    mode: str,
     class_weight: torch.Tensor | None,
     position_weight: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernels.blv_ce_fwd(
-        logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
-        ignore_index, reduction,
-    )  # fmt: skip
-
-
-@blv_cross_entropy_fwd.register_fake
-def _(logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight, ignore_index,
-      reduction):  # fmt: skip
-    loss = logits.new_empty(target.shape if reduction == "none" else ())
-    lse = logits.new_empty(target.numel(), dtype=torch.float32)
-    return loss, lse, logits.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("blv_kernels::blv_cross_entropy_bwd", mutates_args=())
-def blv_cross_entropy_bwd(
-    grad_loss: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    variation_weight: torch.Tensor,
     seed: torch.Tensor,
+    variation_params: torch.Tensor,
+    avg_factor: torch.Tensor | None,
     offset: int,
-    sigma: torch.Tensor,
-    mode: str,
-    class_weight: torch.Tensor | None,
-    position_weight: torch.Tensor | None,
-    lse: torch.Tensor,
-    denom: torch.Tensor,
     ignore_index: int,
     reduction: str,
-) -> torch.Tensor:
-    return kernels.blv_ce_bwd(
-        grad_loss, logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
-        lse, denom, ignore_index, reduction,
+    mode: str,
+    label_smoothing: float,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient of the loss for a grad_output of 1; an empty tensor unless compute_grad)."""
+    from .backends import get_backend  # the backends import this module: resolve at call time
+
+    problem = BLVProblem(
+        logits=logits, target=target, variation_weight=variation_weight, class_weight=class_weight,
+        position_weight=position_weight, seed=seed, variation_params=variation_params, avg_factor=avg_factor,
+        offset=offset, ignore_index=ignore_index, reduction=reduction, mode=mode, label_smoothing=label_smoothing,
     )  # fmt: skip
+    return get_backend(backend).implementation().forward(problem, compute_grad=compute_grad)
 
 
-@blv_cross_entropy_bwd.register_fake
-def _(grad_loss, logits, *args):
-    return empty_gradient(logits)
+_ARGUMENTS = [a.name for a in fused_blv_cross_entropy._opoverload._schema.arguments]
+
+
+def _named(inputs) -> dict:
+    return dict(zip(_ARGUMENTS, inputs, strict=True))
+
+
+@fused_blv_cross_entropy.register_fake
+def _(*inputs):
+    a = _named(inputs)
+    logits = a["logits"]
+    loss = logits.new_empty(a["target"].shape if a["reduction"] == "none" else ())
+    return loss, empty_gradient(logits) if a["compute_grad"] else logits.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
-     ignore_index, reduction) = inputs  # fmt: skip
-    _, lse, denom = output
-    ctx.save_for_backward(logits, target, variation_weight, seed, sigma, class_weight, position_weight, lse, denom)
-    ctx.options = (offset, mode, ignore_index, reduction)
+    a = _named(inputs)
+    ctx.save_for_backward(output[1])
+    ctx.reduction, ctx.backend = a["reduction"], a["backend"]
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_denom):
-    logits, target, variation_weight, seed, sigma, class_weight, position_weight, lse, denom = ctx.saved_tensors
-    offset, mode, ignore_index, reduction = ctx.options
-    grad = blv_cross_entropy_bwd(
-        grad_loss, logits, target, variation_weight, seed, offset, sigma, mode, class_weight, position_weight,
-        lse, denom, ignore_index, reduction,
+def _backward(ctx, grad_loss, _):
+    """dL/dlogits = the forward's gradient times grad_output (per position for "none"), in place."""
+    try:
+        (grad,) = ctx.saved_tensors
+    except RuntimeError as err:  # the saved gradient was already scaled in place
+        raise RuntimeError(
+            "the fused BLV loss's backward already ran for this forward (it scales the forward's gradient in "
+            "place): backward through it once, or use backend='reference' to backward twice"
+        ) from err
+    no_grads = [None] * (len(_ARGUMENTS) - 1)
+    if type(grad) is not torch.Tensor:  # traced (torch.compile, opcheck): stay functional
+        scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
+        return (grad * scale.float()).to(grad.dtype), *no_grads
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "double backward (create_graph=True) is not supported by the fused BLV backends: use backend='reference'"
+        )
+    if ctx.reduction == "none":
+        grad.mul_(grad_loss.unsqueeze(1))
+    else:
+        from .backends import get_backend  # the backends import this module: resolve at call time
+
+        get_backend(ctx.backend).implementation().scale_grad_(grad, grad_loss.float())
+        torch.autograd.graph.increment_version(grad)  # the kernel wrote it: a second backward must see that
+    return grad, *no_grads
+
+
+fused_blv_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_loss(problem: BLVProblem, backend: str) -> torch.Tensor:
+    """The loss of ``problem`` through the fused op on ``backend``, differentiable in the logits."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(problem.logits):
+        raise RuntimeError(
+            "torch.func transforms (grad, vmap, ...) are not supported by the fused BLV backends: use "
+            "backend='reference'"
+        )
+    compute_grad = torch.is_grad_enabled() and problem.logits.requires_grad
+    loss, _ = fused_blv_cross_entropy(
+        problem.logits, problem.target, problem.variation_weight, problem.class_weight, problem.position_weight,
+        problem.seed, problem.variation_params, problem.avg_factor, problem.offset, problem.ignore_index,
+        problem.reduction, problem.mode, problem.label_smoothing, compute_grad, backend,
     )  # fmt: skip
-    # Only the logits get a gradient; weights, labels and the seed are constants of the loss.
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return loss
 
 
-blv_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+# ----------------------------------------------------------------------------------------------
+# What every fused backend does around its kernels: the label check, the divisor, the reduction.
+
+
+def check_labels(problem: BLVProblem, bad_counts: torch.Tensor) -> None:
+    """Raise (CPU) or assert on the device (no sync) when a label is outside [0, C) and not ignore_index."""
+    target, num_classes, ignore_index = problem.target, problem.num_classes, problem.ignore_index
+    raise_or_assert_no_bad_labels(
+        bad_counts.sum(), lambda: target[invalid_target_mask(target.long(), num_classes, ignore_index)][0],
+        num_classes, ignore_index,
+    )  # fmt: skip
+
+
+def mean_divisor(problem: BLVProblem, weight_sums: torch.Tensor) -> torch.Tensor | None:
+    """The divisor of "mean" as a one-element float32 tensor (avg_factor, else the label pass's
+    weight sums: F.cross_entropy's count or sum of class weights); None for "none" and "sum"."""
+    if problem.reduction != "mean":
+        return None
+    return problem.avg_factor if problem.avg_factor is not None else weight_sums.sum()
+
+
+def reduced_loss(problem: BLVProblem, loss_sums: torch.Tensor, denom: torch.Tensor | None,
+                 loss_per_position: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The loss in the logits' dtype from the loss pass's per-block sums (a fixed-order torch.sum: deterministic)."""
+    if problem.reduction == "none":
+        return loss_per_position
+    total = loss_sums.sum()
+    return (total if denom is None else total / denom).to(problem.logits.dtype)

@@ -1,4 +1,6 @@
-"""Test setup: Triton kernels run under the interpreter when there is no GPU.
+"""Test setup: Triton kernels run under the interpreter when there is no GPU; the CUDA kernels
+run emulated on the host as backend "cuda-emulated"; random seeds are reported with every
+failure; outputs can be poisoned.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` is decorated, i.e. before the
 package's kernels are imported, which is why it is set here at import time.
@@ -13,6 +15,12 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import emulated_cuda  # noqa: E402  (imports blv_kernels: after TRITON_INTERPRET)
+
+emulated_cuda.register()  # backend "cuda-emulated": the CUDA source on the host, in every run
+
+SEED_VARIABLE = "BLV_TEST_SEED"
+
 
 @pytest.fixture
 def device() -> torch.device:
@@ -21,7 +29,31 @@ def device() -> torch.device:
 
 @pytest.fixture
 def rng(request) -> torch.Generator:
-    """A generator with a fresh seed per test (printed on failure through the test id's report)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A generator with a fresh seed per test, or $BLV_TEST_SEED's: a failing test prints its seed."""
+    seed = int(os.environ.get(SEED_VARIABLE) or int.from_bytes(os.urandom(4), "little"))
     request.node.user_properties.append(("seed", seed))
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seeds = [value for name, value in item.user_properties if name == "seed"]
+    if report.failed and seeds:
+        report.sections.append(
+            ("random seed", f"this test drew seed {seeds[0]}: rerun it with {SEED_VARIABLE}={seeds[0]}")
+        )
+    return report
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every torch.empty / empty_like during the test is filled with NaN (floats) or -7 (ints),
+    so an output element that a kernel forgets to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))

@@ -7,16 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
 
 import blv_kernels  # noqa: E402
-from benchmarks import loss, summary, training  # noqa: E402
+from benchmarks import common, loss, summary, training  # noqa: E402
 
 # Spelled out here, not read from the module: a provider or field the code stops emitting must fail.
-PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda")
+PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda", "cpu")
 LOSS_FIELDS = {
     "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer", "ms", "ms_p20", "ms_p80",
     "bytes", "gbps", "pct_copy_bandwidth", "floor_ms", "peak_extra_bytes", "peak_extra_vs_logits",
@@ -59,9 +60,11 @@ def test_loss_json_has_every_provider_case_and_field(loss_run):
     assert layouts["ade20k-cl"] == "channels_last" and layouts["cityscapes-n2"] == "contiguous"
 
 
-@pytest.mark.parametrize("provider", ["cross_entropy", "reference", "reference_compile", "released"])
+@pytest.mark.parametrize("provider", ["cross_entropy", "reference", "reference_compile", "released", "cpu"])
 def test_cpu_providers_are_timed(loss_run, provider):
     _, data = loss_run
+    if provider == "cpu" and blv_kernels.backends.BACKENDS["cpu"].why_not("cpu", torch.float32) is not None:
+        pytest.skip("the CPU kernel cannot be built here (no C++ compiler)")
     for row in (r for r in data["results"] if r["provider"] == provider):
         assert row["status"] == "ok", row["reason"]
         assert 0 < row["ms_p20"] <= row["ms"] <= row["ms_p80"]
@@ -95,7 +98,7 @@ def test_loss_table_plots_and_summary(loss_run, capsys):
 
 
 def test_missing_backend_is_reported_as_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(blv_kernels.loss, "BACKENDS", ("auto", "reference"))
+    monkeypatch.setattr(common, "BACKENDS", {"reference": blv_kernels.backends.BACKENDS["reference"]})
     argv = ["--device", "cpu", "--size", "tiny", "--shapes", "cityscapes-n2", "--dtypes", "fp32", "--reps", "1",
             "--providers", "cross_entropy,triton,cuda", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
     assert loss.main(argv) == 0
@@ -116,6 +119,7 @@ def test_case_grids_cover_the_issue():
         full.values()
     )
     assert any(spec.channels_last for spec in loss.SHAPES.values())
+    assert {(2, 19, 256, 256), (8, 1000)} <= {spec.small for spec in loss.SHAPES.values()}  # the CPU kernel's baselines
     args = loss.parse_args([])
     assert len(loss.select_cases(args)) == len(loss.SHAPES) * 3
     quick = loss.select_cases(loss.parse_args(["--quick"]))

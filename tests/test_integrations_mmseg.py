@@ -38,7 +38,14 @@ def _mmseg_semantics(logits, label, counts, sigma, seed, *, reduction, avg_non_i
                      weight=None, avg_factor=None, loss_weight=1.0):  # fmt: skip
     """mmseg's cross_entropy + weight_reduce_loss, written out over the reference's per-position BLV loss."""
     per_position = reference.blv_cross_entropy(
-        logits, label, counts, sigma, seed=seed, weight=class_weight, ignore_index=IGNORE, reduction="none"
+        logits,
+        label,
+        class_counts=counts,
+        sigma=sigma,
+        seed=seed,
+        weight=class_weight,
+        ignore_index=IGNORE,
+        reduction="none",
     )
     if weight is not None:
         per_position = per_position * weight

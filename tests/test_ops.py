@@ -1,52 +1,127 @@
-"""The torch.library op: opcheck, torch.compile(fullgraph=True), CUDA graphs and sync-free use."""
+"""The operator contract (blv_kernels/ops.py), for every fused backend: opcheck, the gradient
+computed in the forward and scaled in place by the backward, torch.compile(fullgraph=True) with
+a sigma schedule that compiles nothing, CUDA graphs that replay the new sigma, and clear errors
+for what the fused backends do not support."""
 
 import pytest
 import torch
 import torch._inductor.config
+from grid import DEVICE, HAS_CUDA
+from test_backends import FUSED, skip_unless_runs
 from torch import nn
 
-from blv_kernels import BLVLoss, blv_cross_entropy, noise
-from blv_kernels import ops as blv_ops
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from blv_kernels import BLVLoss, blv_cross_entropy, noise, ops, reference
+from blv_kernels.backends import get_backend
 
 
-def _op_args(rng, reduction, *, weight=False, position_weight=False):
+@pytest.fixture(params=FUSED)
+def fused(request) -> str:
+    skip_unless_runs(request.param)
+    return request.param
+
+
+def _op_args(rng, backend, reduction, *, weights=False, compute_grad=True):
     x = torch.randn(2, 7, 3, 5, generator=rng).to(DEVICE).requires_grad_(True)
     target = torch.randint(0, 7, (2, 3, 5), generator=rng).to(DEVICE)
     target[0, 0, 0] = -100
-    w = torch.rand(7, generator=rng).to(DEVICE)
-    cw = (torch.rand(7, generator=rng) + 0.5).to(DEVICE) if weight else None
-    pw = (torch.rand(2, 3, 5, generator=rng) + 0.5).to(DEVICE) if position_weight else None
+    cw = (torch.rand(7, generator=rng) + 0.5).to(DEVICE) if weights else None
+    pw = (torch.rand(2, 3, 5, generator=rng) + 0.5).to(DEVICE) if weights else None
     seed = noise.seed_tensor(int(torch.randint(0, 2**62, (), generator=rng)), DEVICE)
-    return (x, target, w, seed, 17, noise.sigma_bits(6.0, DEVICE), "abs", cw, pw, -100, reduction)
+    return (x, target, torch.rand(7, generator=rng).to(DEVICE), cw, pw, seed, noise.variation_params_tensor(6.0, DEVICE),
+            None, 17, -100, reduction, "abs", 0.1 if weights else 0.0, compute_grad, backend)  # fmt: skip
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("weights", [False, True], ids=["", "weights"])
-def test_opcheck(reduction, weights, rng):
-    args = _op_args(rng, reduction, weight=weights, position_weight=weights)
-    torch.library.opcheck(blv_ops.blv_cross_entropy_fwd, args)
+def test_opcheck(fused, reduction, weights, rng):
+    torch.library.opcheck(ops.fused_blv_cross_entropy, _op_args(rng, fused, reduction, weights=weights))
+
+
+def test_no_gradient_is_written_without_autograd(fused, rng):
+    args = _op_args(rng, fused, "mean", compute_grad=False)
+    loss, grad = ops.fused_blv_cross_entropy(*args)
+    assert grad.numel() == 0 and torch.isfinite(loss)
+    with torch.no_grad():  # the public entry asks for no gradient either
+        assert torch.equal(blv_cross_entropy(args[0], args[1], class_counts=list(range(1, 8)), seed=3, backend=fused),
+                           blv_cross_entropy(args[0].detach(), args[1], class_counts=list(range(1, 8)), seed=3,
+                                             backend=fused))  # fmt: skip
+
+
+def test_backward_hands_over_the_forward_gradient_without_a_copy(fused, rng, monkeypatch):
+    # The forward's gradient buffer becomes x.grad: autograd takes it over (no copy).
+    buffers = []
+    x = torch.randn(2, 7, 3, 5, generator=rng).to(DEVICE).requires_grad_(True)
+    target = torch.randint(0, 7, (2, 3, 5), generator=rng).to(DEVICE)
+    implementation = get_backend(fused).implementation()
+    forward = implementation.forward
+
+    def recording_forward(problem, *, compute_grad):
+        loss, grad = forward(problem, compute_grad=compute_grad)
+        buffers.append(grad.data_ptr())
+        return loss, grad
+
+    monkeypatch.setattr(implementation, "forward", recording_forward)
+    blv_cross_entropy(x, target, class_counts=list(range(1, 8)), seed=5, backend=fused).backward()
+    assert x.grad.data_ptr() == buffers[0]
+    ref = x.detach().clone().requires_grad_(True)
+    reference.blv_cross_entropy(ref, target, class_counts=list(range(1, 8)), seed=5).backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_backward_scales_by_grad_output(fused, reduction, rng):
+    x = torch.randn(3, 7, 4, generator=rng).to(DEVICE)
+    target = torch.randint(0, 7, (3, 4), generator=rng).to(DEVICE)
+    grad_out = torch.randn(() if reduction != "none" else (3, 4), generator=rng).to(DEVICE)
+    grads = []
+    for backend in (fused, "reference"):
+        xb = x.clone().requires_grad_(True)
+        loss = blv_cross_entropy(xb, target, class_counts=list(range(1, 8)), seed=9, reduction=reduction,
+                                 backend=backend)  # fmt: skip
+        loss.backward(grad_out)
+        grads.append(xb.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_backward_twice_double_backward_and_torch_func_are_clear_errors(fused, rng):
+    x = torch.randn(2, 7, generator=rng).to(DEVICE).requires_grad_(True)
+    target = torch.randint(0, 7, (2,), generator=rng).to(DEVICE)
+    counts = list(range(1, 8))
+    loss = blv_cross_entropy(x, target, class_counts=counts, seed=1, backend=fused)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran for this forward"):
+        loss.backward()
+    loss = blv_cross_entropy(x, target, class_counts=counts, seed=1, backend=fused)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda x: blv_cross_entropy(x, target, class_counts=counts, seed=1, backend=fused))(x.detach())
+    # the reference supports both
+    g = torch.func.grad(lambda x: blv_cross_entropy(x, target, class_counts=counts, seed=1, backend="reference"))
+    assert torch.isfinite(g(x.detach())).all()
 
 
 class _TinySegmenter(nn.Module):
-    def __init__(self, classes):
+    def __init__(self, classes, backend):
         super().__init__()
         self.conv = nn.Conv2d(3, classes, 3, padding=1)
-        self.loss = BLVLoss(list(range(1, classes + 1)), sigma=6.0, ignore_index=255)
+        self.loss = BLVLoss(list(range(1, classes + 1)), sigma=6.0, ignore_index=255, backend=backend)
 
     def forward(self, image, labels):
         return self.loss(self.conv(image), labels)
 
 
-# inductor draws random numbers its own way unless told to fall back to eager's generator
-@torch._inductor.config.patch(fallback_random=True)
-def test_compile_fullgraph_matches_eager(rng):
-    model = _TinySegmenter(5).to(DEVICE)
-    model.loss.backend = "triton"
+def _segmenter_batch(rng):
     image = torch.randn(2, 3, 6, 7, generator=rng).to(DEVICE)
     labels = torch.randint(0, 5, (2, 6, 7), generator=rng, dtype=torch.uint8).to(DEVICE)
+    return image, labels
+
+
+# inductor draws random numbers its own way unless told to fall back to eager's generator
+@torch._inductor.config.patch(fallback_random=True)
+def test_compile_fullgraph_matches_eager(fused, rng):
+    model = _TinySegmenter(5, fused).to(DEVICE)
+    image, labels = _segmenter_batch(rng)
     compiled = torch.compile(model, fullgraph=True)
     torch.manual_seed(3)
     eager = model(image, labels)
@@ -58,12 +133,12 @@ def test_compile_fullgraph_matches_eager(rng):
     torch.testing.assert_close(grad, eager_grad)
 
 
-def test_sigma_schedule_does_not_recompile(rng):
-    # sigma is read from a device buffer: setting it every step changes no guard of the graph
-    model = _TinySegmenter(5).to(DEVICE)
-    model.loss.backend = "triton"
-    image = torch.randn(2, 3, 4, 5, generator=rng).to(DEVICE)
-    labels = torch.randint(0, 5, (2, 4, 5), generator=rng, dtype=torch.uint8).to(DEVICE)
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_sigma_schedule_compiles_nothing(backend, rng):
+    # sigma lives on the device: setting it every step changes no guard of the graph
+    skip_unless_runs(backend)
+    model = _TinySegmenter(5, backend).to(DEVICE)
+    image, labels = _segmenter_batch(rng)
     compiles = []
     compiled = torch.compile(model, fullgraph=True, backend=lambda gm, _: compiles.append(gm) or gm.forward)
     for sigma in (0.0, 0.5, 2.0, 6.0):  # both erfinv paths and no variation at all
@@ -71,19 +146,17 @@ def test_sigma_schedule_does_not_recompile(rng):
         torch.manual_seed(7)
         loss = compiled(image, labels)
         torch.manual_seed(7)
-        torch.testing.assert_close(loss, model(image, labels))
-        torch.manual_seed(7)
-        expected = blv_cross_entropy(model.conv(image), labels, list(range(1, 6)), sigma, ignore_index=255,
-                                     backend="reference")  # fmt: skip
-        torch.testing.assert_close(loss, expected)
+        expected = blv_cross_entropy(model.conv(image), labels, class_counts=list(range(1, 6)), sigma=sigma,
+                                     ignore_index=255, backend="reference")  # fmt: skip
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert len(compiles) == 1
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs and sync debug mode need a GPU")
-def test_cuda_graph_replays_draw_fresh_noise_without_sync():
-    # BLVLoss keeps its weights on the device; the functional form with a list of counts
-    # copies them over on every call, which neither a graph nor sync-free code allows.
-    loss_fn = BLVLoss(list(range(1, 20)), sigma=6.0, backend="triton").cuda()
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_cuda_graph_replays_fresh_noise_and_the_scheduled_sigma_without_sync(backend):
+    skip_unless_runs(backend)
+    loss_fn = BLVLoss(list(range(1, 20)), sigma=6.0, backend=backend).cuda()
     x = torch.randn(2, 19, 64, 64, device="cuda", requires_grad=True)
     target = torch.randint(0, 19, (2, 64, 64), device="cuda")
     stream = torch.cuda.Stream()
@@ -105,7 +178,12 @@ def test_cuda_graph_replays_draw_fresh_noise_without_sync():
             graph.replay()
             losses.append(loss.detach().clone())
             grads.append(x.grad.detach().clone())
+        loss_fn.sigma = 0.0  # a schedule step after capture: the replay must see it
+        graph.replay()
+        at_zero = loss.detach().clone()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len({float(v) for v in losses}) == 3  # a new seed, drawn on the device, per replay
     assert not torch.equal(grads[0], grads[1])
+    plain = torch.nn.functional.cross_entropy(x.detach(), target)
+    torch.testing.assert_close(at_zero, plain, rtol=1e-5, atol=1e-6)

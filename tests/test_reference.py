@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blv_kernels import class_weights, reference, variation
+from blv_kernels import blv_cross_entropy, class_weights, reference, variation
 
 SHAPES = {"NC": (6, 5), "NCHW": (2, 5, 3, 4), "NCDHW": (2, 4, 2, 3, 3)}
 
@@ -26,7 +26,7 @@ def test_sigma_zero_is_exactly_cross_entropy(shape, reduction, with_weight, rng)
     logits, target, counts, weight = _batch(shape, rng, ignore_index=7)
     weight = weight if with_weight else None
     ref = reference.blv_cross_entropy(
-        logits, target, counts, 0.0, seed=1, weight=weight, ignore_index=7, reduction=reduction
+        logits, target, class_counts=counts, sigma=0.0, seed=1, weight=weight, ignore_index=7, reduction=reduction
     )
     plain = F.cross_entropy(logits, target, weight=weight, ignore_index=7, reduction=reduction)
     assert torch.equal(ref, plain)
@@ -40,7 +40,9 @@ def test_explicit_variation_matches_formula_in_float64(shape, reduction, with_we
     weight = weight if with_weight else None
     v = torch.rand(shape, generator=rng)
     logits.requires_grad_(True)
-    loss = reference.blv_cross_entropy(logits, target, counts, 6.0, variation=v, weight=weight, reduction=reduction)
+    loss = reference.blv_cross_entropy(
+        logits, target, class_counts=counts, sigma=6.0, variation=v, weight=weight, reduction=reduction
+    )
 
     # Direct evaluation: z = x + v*w, l = logsumexp(z) - z_t, on the (N, C, S) view.
     n, c = shape[:2]
@@ -69,8 +71,8 @@ def test_explicit_variation_matches_formula_in_float64(shape, reduction, with_we
 def test_stream_variation_equals_explicit_variation(rng):
     logits, target, counts, _ = _batch((2, 19, 5, 7), rng)
     v = variation(logits.shape, 6.0, seed=99, offset=123, mode="clamp")
-    a = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=99, offset=123, mode="clamp")
-    b = reference.blv_cross_entropy(logits, target, counts, 6.0, variation=v)
+    a = reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=6.0, seed=99, offset=123, mode="clamp")
+    b = reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=6.0, variation=v)
     assert torch.equal(a, b)
     assert not torch.equal(a, F.cross_entropy(logits, target))
 
@@ -78,16 +80,18 @@ def test_stream_variation_equals_explicit_variation(rng):
 @pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int32, torch.int64])
 def test_target_dtypes(target_dtype, rng):
     logits, target, counts, _ = _batch((2, 5, 4, 6), rng, ignore_index=255)
-    expected = reference.blv_cross_entropy(logits, target, counts, 4.0, seed=5, ignore_index=255)
-    got = reference.blv_cross_entropy(logits, target.to(target_dtype), counts, 4.0, seed=5, ignore_index=255)
+    expected = reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=4.0, seed=5, ignore_index=255)
+    got = reference.blv_cross_entropy(
+        logits, target.to(target_dtype), class_counts=counts, sigma=4.0, seed=5, ignore_index=255
+    )
     assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits(dtype, rng):
     logits, target, counts, _ = _batch((2, 5, 4, 6), rng)
-    loss = reference.blv_cross_entropy(logits.to(dtype), target, counts, 6.0, seed=5)
-    ground = reference.blv_cross_entropy(logits.double(), target, counts, 6.0, seed=5)
+    loss = reference.blv_cross_entropy(logits.to(dtype), target, class_counts=counts, sigma=6.0, seed=5)
+    ground = reference.blv_cross_entropy(logits.double(), target, class_counts=counts, sigma=6.0, seed=5)
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.double(), ground, rtol=2e-2, atol=2e-2)
 
@@ -95,8 +99,10 @@ def test_low_precision_logits(dtype, rng):
 def test_position_weight(rng):
     logits, target, counts, weight = _batch((2, 5, 4, 6), rng)
     pw = torch.rand(target.shape, generator=rng) + 0.1
-    per = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction="none")
-    got = {r: reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction=r,
+    per = reference.blv_cross_entropy(
+        logits, target, class_counts=counts, sigma=6.0, seed=3, weight=weight, reduction="none"
+    )
+    got = {r: reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=6.0, seed=3, weight=weight, reduction=r,
                                           position_weight=pw) for r in ("none", "sum", "mean")}  # fmt: skip
     torch.testing.assert_close(got["none"], per * pw)
     torch.testing.assert_close(got["sum"], (per * pw).sum())
@@ -107,14 +113,14 @@ def test_position_weight(rng):
 def test_nothing_valid_mean_is_nan_like_pytorch(rng):
     logits, target, counts, _ = _batch((2, 5, 3), rng)
     target.fill_(-100)
-    loss = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=1)
+    loss = reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=6.0, seed=1)
     assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, target))
-    assert reference.blv_cross_entropy(logits, target, counts, 6.0, seed=1, reduction="sum") == 0
+    assert reference.blv_cross_entropy(logits, target, class_counts=counts, sigma=6.0, seed=1, reduction="sum") == 0
 
 
 def test_degenerate_prior_is_plain_cross_entropy(rng):
     logits, target, _, _ = _batch((4, 1, 3), rng)
-    loss = reference.blv_cross_entropy(logits, target, [10], 6.0, seed=1)
+    loss = reference.blv_cross_entropy(logits, target, class_counts=[10], sigma=6.0, seed=1)
     assert torch.equal(loss, F.cross_entropy(logits, target))
 
 
@@ -123,28 +129,28 @@ def _bad_inputs():
     t = torch.randint(0, 3, (2, 4))
     counts = [5, 6, 7]
     return [
-        ("rank-1", (torch.randn(3), t, counts), {}, ValueError, "shape"),
-        ("no-classes", (torch.randn(2, 0, 4), t, []), {}, ValueError, "at least one class"),
-        ("int-logits", (t, t, counts), {}, TypeError, "logits must be float"),
-        ("float-target", (x, t.float(), counts), {}, TypeError, "integer class indices"),
-        ("bool-target", (x, t.bool(), counts), {}, TypeError, "integer class indices"),
-        ("target-shape", (x, t[:, :3], counts), {}, ValueError, r"target shape \(2, 3\) does not match"),
-        ("counts-length", (x, t, [1, 2]), {}, ValueError, "2 entries but logits have C=3"),
-        ("zero-count", (x, t, [1, 0, 2]), {}, ValueError, "zero count"),
-        ("negative-count", (x, t, [1, -1, 2]), {}, ValueError, "non-negative"),
-        ("nan-count", (x, t, [1, float("nan"), 2]), {}, ValueError, "finite"),
-        ("negative-sigma", (x, t, counts, -1.0), {"seed": 0}, ValueError, "sigma"),
-        ("mode", (x, t, counts), {"seed": 0, "mode": "normal"}, ValueError, "mode"),
-        ("reduction", (x, t, counts), {"seed": 0, "reduction": "avg"}, ValueError, "reduction"),
-        ("label-too-big", (x, torch.full((2, 4), 3), counts), {"seed": 0}, ValueError, r"outside \[0, 3\).*first: 3"),
-        ("label-negative", (x, torch.full((2, 4), -2), counts), {"seed": 0}, ValueError, r"outside \[0, 3\)"),
-        ("uint8-label", (x, torch.full((2, 4), 200, dtype=torch.uint8), counts), {"seed": 0, "ignore_index": 255},
-         ValueError, "first: 200"),
-        ("weight-shape", (x, t, counts), {"seed": 0, "weight": torch.ones(4)}, ValueError, r"weight must have shape \(3,\)"),
-        ("variation-shape", (x, t, counts), {"variation": torch.rand(2, 3)}, ValueError, "variation shape"),
-        ("no-seed", (x, t, counts), {}, ValueError, "seed"),
-        ("position-weight", (x, t, counts), {"seed": 0, "position_weight": torch.ones(2, 3)}, ValueError,
-         "position_weight shape"),
+        ("rank-1", (torch.randn(3), t), {}, ValueError, "shape"),
+        ("no-classes", (torch.randn(2, 0, 4), t), {"class_counts": []}, ValueError, "at least one class"),
+        ("int-logits", (t, t), {}, TypeError, "logits must be float"),
+        ("float-target", (x, t.float()), {}, TypeError, "integer class indices"),
+        ("bool-target", (x, t.bool()), {}, TypeError, "integer class indices"),
+        ("target-shape", (x, t[:, :3]), {}, ValueError, r"target shape \(2, 3\) does not match"),
+        ("counts-length", (x, t), {"class_counts": [1, 2]}, ValueError, "2 entries but logits have C=3"),
+        ("zero-count", (x, t), {"class_counts": [1, 0, 2]}, ValueError, "zero count"),
+        ("negative-count", (x, t), {"class_counts": [1, -1, 2]}, ValueError, "non-negative"),
+        ("nan-count", (x, t), {"class_counts": [1, float("nan"), 2]}, ValueError, "finite"),
+        ("negative-sigma", (x, t), {"sigma": -1.0}, ValueError, "sigma"),
+        ("tensor-sigma", (x, t), {"sigma": torch.tensor(6.0)}, TypeError, "sigma must be a Python number"),
+        ("mode", (x, t), {"mode": "normal"}, ValueError, "mode"),
+        ("reduction", (x, t), {"reduction": "avg"}, ValueError, "reduction"),
+        ("label-too-big", (x, torch.full((2, 4), 3)), {}, ValueError, r"outside \[0, 3\).*first: 3"),
+        ("label-negative", (x, torch.full((2, 4), -2)), {}, ValueError, r"outside \[0, 3\)"),
+        ("uint8-label", (x, torch.full((2, 4), 200, dtype=torch.uint8)), {"ignore_index": 255}, ValueError,
+         "first: 200"),
+        ("weight-shape", (x, t, torch.ones(4)), {}, ValueError, r"weight must have shape \(3,\)"),
+        ("variation-shape", (x, t), {"variation": torch.rand(2, 3)}, ValueError, "variation shape"),
+        ("position-weight", (x, t), {"position_weight": torch.ones(2, 3)}, ValueError, "position_weight shape"),
+        ("backend", (x, t), {"backend": "triton"}, TypeError, "always uses the reference backend"),
     ]  # fmt: skip
 
 
@@ -153,17 +159,38 @@ def _bad_inputs():
 )
 def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
-        reference.blv_cross_entropy(*args, **kwargs)
+        reference.blv_cross_entropy(*args, **{"class_counts": [5, 6, 7], "seed": 0, **kwargs})
+
+
+def test_seed_rule_is_the_public_one(rng):
+    # no seed: drawn from PyTorch's generator, like blv_kernels.blv_cross_entropy
+    logits, target, counts, _ = _batch((2, 5, 4), rng)
+    torch.manual_seed(5)
+    a = reference.blv_cross_entropy(logits, target, class_counts=counts)
+    torch.manual_seed(5)
+    b = blv_cross_entropy(logits, target, class_counts=counts, backend="reference")
+    assert torch.equal(a, b)
 
 
 def test_avg_factor_divides_the_weighted_sum(rng):
     logits, target, counts, weight = _batch((2, 5, 4, 6), rng)
     pw = torch.rand(target.shape, generator=rng) + 0.1
-    per = reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, weight=weight, reduction="none")
+    per = reference.blv_cross_entropy(
+        logits, target, class_counts=counts, sigma=6.0, seed=3, weight=weight, reduction="none"
+    )
     for avg_factor in (target.numel(), torch.tensor(17.5)):
         got = reference.blv_cross_entropy(
-            logits, target, counts, 6.0, seed=3, weight=weight, position_weight=pw, avg_factor=avg_factor
+            logits,
+            target,
+            class_counts=counts,
+            sigma=6.0,
+            seed=3,
+            weight=weight,
+            position_weight=pw,
+            avg_factor=avg_factor,
         )
         torch.testing.assert_close(got, (per * pw).sum() / avg_factor)
     with pytest.raises(ValueError, match="avg_factor"):
-        reference.blv_cross_entropy(logits, target, counts, 6.0, seed=3, reduction="sum", avg_factor=3.0)
+        reference.blv_cross_entropy(
+            logits, target, class_counts=counts, sigma=6.0, seed=3, reduction="sum", avg_factor=3.0
+        )

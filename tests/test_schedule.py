@@ -71,7 +71,7 @@ def test_step_sets_sigma_on_every_blv_loss(rng):
     torch.manual_seed(0)
     tri = loss(logits, target)
     torch.manual_seed(0)
-    torch.testing.assert_close(tri, blv_cross_entropy(logits, target, counts, schedule(15)))
+    torch.testing.assert_close(tri, blv_cross_entropy(logits, target, class_counts=counts, sigma=schedule(15)))
 
 
 def test_step_needs_a_blv_loss():

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ..loss import BLVLoss, _blv_loss
+from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
 from .dataset_counts import load_counts
 
 __all__ = ["MMSegBLVLoss"]
@@ -106,13 +106,15 @@ class MMSegBLVLoss(BLVLoss):
             avg_factor = (self._default_avg_factor(label, ignore_index) if avg_factor is None else avg_factor) + EPS
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
-        loss = _blv_loss(
-            cls_score, label, self.variation_weight, self.sigma_argument(cls_score) if self.training else 0.0,
-            seed=None, offset=0,
-            mode=self.mode, weight=self.weight, ignore_index=ignore_index, reduction=reduction, variation=None,
-            position_weight=None if weight is None else weight.float(), avg_factor=avg_factor, generator=None,
-            backend=self.backend,
-        )  # fmt: skip
+        options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
+                       position_weight=None if weight is None else weight.float(), avg_factor=avg_factor)  # fmt: skip
+        if self.training:
+            loss = blv_cross_entropy_from_weights(
+                cls_score, label, self.variation_weight, self.weight, variation_params=self.variation_params,
+                mode=self.mode, backend=self.backend, **options,
+            )  # fmt: skip
+        else:
+            loss = plain_cross_entropy(cls_score, label, self.weight, **options)
         return self.loss_weight * loss
 
     def _default_avg_factor(self, label: torch.Tensor, ignore_index: int):

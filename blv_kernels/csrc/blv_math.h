@@ -24,8 +24,11 @@ constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u;
 constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
 
-// Which erfinv the transform uses; kNoVariation for sigma = 0 (no words needed).
-enum VariationKind { kNoVariation = 0, kPolyErfinv = 1, kGilesErfinv = 2 };
+// The transform's parameters, [scale, threshold] = [sigma*sqrt(2), erf(1 / (sigma*sqrt(2)))] in
+// float32 (blv_kernels.noise.variation_params; [0, 1] for sigma = 0, which gives v = 0). The
+// polynomial erfinv serves when threshold <= kErfinvPolyMax, else Giles' (one log).
+constexpr float kErfinvPolyMax = 0.7f;
+enum ErfinvKind { kPolyErfinv = 1, kGilesErfinv = 2 };
 
 BLV_HD uint32_t mulhi32(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
 

@@ -1,0 +1,605 @@
+"""The ``"triton"`` backend: fused BLV cross-entropy in Triton, noise generated in registers.
+
+Math of one position (the contract, ``csrc/blv_kernel.h``), logits x_c, label t, variation
+weights w_c, class weights cw_c, label smoothing eps:
+
+    z_c = x_c + v_c * w_c          v_c: word c % 4 of Philox(q, c // 4), the transform of blv_kernels.noise
+    m   = max_c z_c,   e_c = exp(z_c - m),   d = sum_c e_c,   p_c = e_c / d
+    l   = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) sum_c cw_c ((m - z_c) + log d)
+    dl/dx_c = p_c ((1-eps) cw_t + eps W/C) - (1-eps) cw_t [c == t] - (eps/C) cw_c,   W = sum_c cw_c
+
+Two kernels per forward: a label pass (the divisor of "mean" and the count of bad labels, a
+read of the labels only) and the loss pass, which reads the logits once and, when autograd
+needs it, writes the gradient in the same pass: the backward then only scales it by
+``grad_output`` (``_scale_kernel``, which reads nothing when that is exactly 1).
+
+The loss pass gives each program BLOCK_P positions of one sample (grid: position blocks x N;
+N = 1 when the layout lets the batch be one run of positions, as channels_last and rows do),
+and each thread a few consecutive positions with all of their classes, so that no reduction
+crosses threads. Classes are held as four tiles [groups, positions], one per Philox output
+word (classes 4g + k), so one Philox call serves four classes:
+
+- up to ``ONE_PASS_MAX_GROUPS`` groups (C <= 4 * that): the whole row stays in registers, as
+  a main block of a power-of-two number of groups and a tail block (padding only to the next
+  multiple of four classes); noise, transform and exponential are computed once per element.
+- more classes: chunks of CHUNK_GROUPS groups; a first sweep keeps the running max and sum
+  (online softmax), a second sweep regenerates the noise and writes the gradient.
+
+Layouts: the logits are addressed as (N, C, S) through three strides, so NCHW (positions
+contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import noise, ops
+from .._layout import as_ncs, empty_gradient
+
+__all__ = ["forward", "scale_grad_", "kernel_config", "KernelConfig"]
+
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = map(tl.constexpr, noise.ERFINV_POLY)
+_GC0, _GC1, _GC2, _GC3, _GC4, _GC5, _GC6, _GC7, _GC8 = map(tl.constexpr, noise.ERFINV_GILES_CENTRAL)
+_GT0, _GT1, _GT2, _GT3, _GT4, _GT5, _GT6, _GT7, _GT8 = map(tl.constexpr, noise.ERFINV_GILES_TAIL)
+_POLY_MAX = tl.constexpr(noise.ERFINV_POLY_MAX)
+_ROUND_A = tl.constexpr(noise.PHILOX_ROUND_A)
+_ROUND_B = tl.constexpr(noise.PHILOX_ROUND_B)
+_KEY_A = tl.constexpr(noise.PHILOX_KEY_A)
+_KEY_B = tl.constexpr(noise.PHILOX_KEY_B)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+# ----------------------------------------------------------------------------------------------
+# The variation stream, element by element
+
+
+@triton.jit
+def _philox(k0, k1, c0, c1, c2, c3):
+    """Philox4x32-10 (noise.philox4x32, tl.philox): each round's two 32x32 -> 64-bit products are
+    one wide multiply apiece, the high and low halves read from it."""
+    for _ in tl.static_range(10):
+        prod_b = c2.to(tl.uint64) * _ROUND_B
+        prod_a = c0.to(tl.uint64) * _ROUND_A
+        c0 = (prod_b >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = prod_b.to(tl.uint32)
+        c3 = prod_a.to(tl.uint32)
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _horner8(x, c0: tl.constexpr, c1: tl.constexpr, c2: tl.constexpr, c3: tl.constexpr, c4: tl.constexpr,
+             c5: tl.constexpr, c6: tl.constexpr, c7: tl.constexpr, c8: tl.constexpr):  # fmt: skip
+    p = c8 * x + c7
+    p = p * x + c6
+    p = p * x + c5
+    p = p * x + c4
+    p = p * x + c3
+    p = p * x + c2
+    p = p * x + c1
+    return p * x + c0
+
+
+@triton.jit
+def _variation(word, scale, threshold, CLAMP_MODE: tl.constexpr, POLY: tl.constexpr):
+    """Philox word -> v (noise.variation_from_words): u = (word >> 8) 2^-24, t = u or max(2u - 1, 0),
+    v = 1 where t >= threshold, else min(scale * erfinv(t), 1). POLY: threshold <= 0.7, so that
+    erfinv is needed on [0, 0.7] only, where it is t * P(t^2); else Giles' erfinv (one log)."""
+    u = (word >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    if CLAMP_MODE:
+        t = tl.maximum(2.0 * u - 1.0, 0.0)  # eps <= 0 -> t = 0 -> v = 0
+    else:
+        t = u
+    if POLY:
+        e = t * _horner8(t * t, _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8)
+    else:
+        w = -tl.log((1.0 - t) * (1.0 + t))
+        central = _horner8(w - 2.5, _GC0, _GC1, _GC2, _GC3, _GC4, _GC5, _GC6, _GC7, _GC8)
+        tail = _horner8(tl.sqrt(w) - 3.0, _GT0, _GT1, _GT2, _GT3, _GT4, _GT5, _GT6, _GT7, _GT8)
+        e = t * tl.where(w < 5.0, central, tail)
+    return tl.where(t < threshold, tl.minimum(scale * e, 1.0), 1.0)
+
+
+@triton.jit
+def _tile_mask(o_c, m_p, C, FULL: tl.constexpr, EVEN_S: tl.constexpr):
+    """Which elements of a [classes, positions] tile exist: classes < C unless FULL (every class of
+    the block exists), positions < S unless EVEN_S (every block is full)."""
+    if FULL:
+        return tl.broadcast_to(m_p[None, :], (o_c.shape[0], m_p.shape[0]))
+    if EVEN_S:
+        return tl.broadcast_to((o_c < C)[:, None], (o_c.shape[0], m_p.shape[0]))
+    return (o_c < C)[:, None] & m_p[None, :]
+
+
+@triton.jit
+def _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c, m_p, word, C, stride_xc, scale, threshold,
+                    CLAMP_MODE: tl.constexpr, POLY: tl.constexpr, FULL: tl.constexpr,
+                    EVEN_S: tl.constexpr):  # fmt: skip
+    """z = x + v * w of classes o_c [G] at the block's positions (element offsets o_x [BLOCK_P]);
+    -inf for classes >= C."""
+    p_x = x_ptr + (o_x[None, :] + (o_c * stride_xc)[:, None])
+    if FULL and EVEN_S:
+        b_x = tl.load(p_x)
+        b_w = tl.load(variation_weight_ptr + o_c)
+    else:
+        b_x = tl.load(p_x, mask=_tile_mask(o_c, m_p, C, FULL, EVEN_S), other=0.0)
+        b_w = tl.load(variation_weight_ptr + o_c, mask=o_c < C, other=0.0)
+    b_z = b_x.to(tl.float32) + _variation(word, scale, threshold, CLAMP_MODE, POLY) * b_w[:, None]
+    if not FULL:
+        b_z = tl.where((o_c < C)[:, None], b_z, float("-inf"))
+    return b_z
+
+
+@triton.jit
+def _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start, m_p, C, stride_xc, scale,
+                     threshold, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr, CLAMP_MODE: tl.constexpr,
+                     POLY: tl.constexpr, FULL: tl.constexpr, EVEN_S: tl.constexpr):  # fmt: skip
+    """Classes [4 g_start, 4 (g_start + GROUPS)) as four tiles [GROUPS, BLOCK_P]: tile k holds the
+    classes 4g + k, from word k of the Philox call of (position, group g)."""
+    o_g = g_start + tl.arange(0, GROUPS)
+    shape: tl.constexpr = (GROUPS, BLOCK_P)
+    r0, r1, r2, r3 = _philox(
+        k0, k1, tl.broadcast_to(q_lo[None, :], shape), tl.broadcast_to(q_hi[None, :], shape),
+        tl.broadcast_to(o_g[:, None].to(tl.uint32), shape), tl.zeros(shape, tl.uint32),
+    )  # fmt: skip
+    o_c = 4 * o_g
+    z0 = _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c, m_p, r0, C, stride_xc, scale, threshold, CLAMP_MODE,
+                         POLY, FULL, EVEN_S)  # fmt: skip
+    z1 = _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c + 1, m_p, r1, C, stride_xc, scale, threshold,
+                         CLAMP_MODE, POLY, FULL, EVEN_S)  # fmt: skip
+    z2 = _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c + 2, m_p, r2, C, stride_xc, scale, threshold,
+                         CLAMP_MODE, POLY, FULL, EVEN_S)  # fmt: skip
+    z3 = _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c + 3, m_p, r3, C, stride_xc, scale, threshold,
+                         CLAMP_MODE, POLY, FULL, EVEN_S)  # fmt: skip
+    return o_c, z0, z1, z2, z3
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions of the four tiles of a class block over their classes (axis 0, inside each thread)
+
+
+@triton.jit
+def _max4(z0, z1, z2, z3):
+    return tl.maximum(tl.maximum(tl.max(z0, 0), tl.max(z1, 0)), tl.maximum(tl.max(z2, 0), tl.max(z3, 0)))
+
+
+@triton.jit
+def _sum4(a0, a1, a2, a3):
+    return (tl.sum(a0, 0) + tl.sum(a1, 0)) + (tl.sum(a2, 0) + tl.sum(a3, 0))
+
+
+@triton.jit
+def _exp_shifted(z, b_m):
+    """exp(z - m) as exp2((z - m) log2(e)). z - m first: it is exact for z near m, where
+    z log2(e) - m log2(e) would lose |z| ulps of precision (large logits: shift invariance)."""
+    return tl.math.exp2((z - b_m[None, :]) * _LOG2E)
+
+
+@triton.jit
+def _label_logit4(o_c, z0, z1, z2, z3, b_t):
+    """z_t of each position: the z of the tile row whose class is the label (0 when none is)."""
+    return _sum4(tl.where(o_c[:, None] == b_t[None, :], z0, 0.0), tl.where(o_c[:, None] + 1 == b_t[None, :], z1, 0.0),
+                 tl.where(o_c[:, None] + 2 == b_t[None, :], z2, 0.0),
+                 tl.where(o_c[:, None] + 3 == b_t[None, :], z3, 0.0))  # fmt: skip
+
+
+@triton.jit
+def _smoothing_terms(o_c, z, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT: tl.constexpr):
+    """cw_c (m - z_c), 0 for classes >= C."""
+    m_c = o_c < C
+    terms = b_m[None, :] - z
+    if HAS_CLASS_WEIGHT:
+        terms = terms * tl.load(class_weight_ptr + o_c, mask=m_c, other=0.0)[:, None]
+    return tl.where(m_c[:, None], terms, 0.0)
+
+
+@triton.jit
+def _smoothing_sum4(o_c, z0, z1, z2, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT: tl.constexpr):
+    return _sum4(_smoothing_terms(o_c, z0, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT),
+                 _smoothing_terms(o_c + 1, z1, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT),
+                 _smoothing_terms(o_c + 2, z2, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT),
+                 _smoothing_terms(o_c + 3, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT))  # fmt: skip
+
+
+@triton.jit
+def _class_weight_sum(class_weight_ptr, o_c, C):
+    """sum of cw over the classes 4g + k of the block whose group starts are o_c."""
+    w = tl.load(class_weight_ptr + o_c, mask=o_c < C, other=0.0)
+    w += tl.load(class_weight_ptr + o_c + 1, mask=o_c + 1 < C, other=0.0)
+    w += tl.load(class_weight_ptr + o_c + 2, mask=o_c + 2 < C, other=0.0)
+    w += tl.load(class_weight_ptr + o_c + 3, mask=o_c + 3 < C, other=0.0)
+    return tl.sum(w, 0)
+
+
+@triton.jit
+def _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr, HAS_POSITION_WEIGHT: tl.constexpr,
+                  HAS_SMOOTHING: tl.constexpr, REDUCTION: tl.constexpr):  # fmt: skip
+    """Per position, dl/dx_c = e_c k_p - k_t [c == t] - k_s cw_c with coef = pw / denom (0 where not valid):
+    k_p = coef ((1-eps) cw_t + eps W / C) / d,  k_t = coef (1-eps) cw_t,  k_s = coef eps / C."""
+    coef = b_pw if HAS_POSITION_WEIGHT else 1.0
+    if REDUCTION == 2:
+        coef = coef / tl.load(denom_ptr)
+    coef = tl.where(m_valid, coef, 0.0)  # also where "mean" divides by 0 (every label ignored)
+    k_t = coef * (1.0 - eps) * b_cw
+    if HAS_SMOOTHING:
+        k_s = coef * (eps / C)
+        k_p = (k_t + k_s * b_weight_sum) / b_d
+    else:
+        k_s = k_t
+        k_p = k_t / b_d
+    return k_p, k_t, k_s
+
+
+@triton.jit
+def _store_grad(grad_ptr, o_g, o_c, e, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc,
+                HAS_CLASS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, FULL: tl.constexpr,
+                EVEN_S: tl.constexpr):  # fmt: skip
+    """dl/dx_c = e_c k_p - k_t [c == t] - k_s cw_c (per-position factors k_*, see _grad_factors)."""
+    b_g = e * k_p[None, :] - tl.where(o_c[:, None] == b_t[None, :], k_t[None, :], 0.0)
+    if HAS_SMOOTHING:
+        if HAS_CLASS_WEIGHT:
+            b_g -= k_s[None, :] * tl.load(class_weight_ptr + o_c, mask=o_c < C, other=0.0)[:, None]
+        else:
+            b_g -= k_s[None, :]
+    p_g = grad_ptr + (o_g[None, :] + (o_c * stride_gc)[:, None])
+    if FULL and EVEN_S:
+        tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty))
+    else:
+        tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty), mask=_tile_mask(o_c, m_p, C, FULL, EVEN_S))
+
+
+@triton.jit
+def _store_grad4(grad_ptr, o_g, o_c, e0, e1, e2, e3, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc,
+                 HAS_CLASS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, FULL: tl.constexpr,
+                 EVEN_S: tl.constexpr):  # fmt: skip
+    _store_grad(grad_ptr, o_g, o_c, e0, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT,
+                HAS_SMOOTHING, FULL, EVEN_S)  # fmt: skip
+    _store_grad(grad_ptr, o_g, o_c + 1, e1, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT,
+                HAS_SMOOTHING, FULL, EVEN_S)  # fmt: skip
+    _store_grad(grad_ptr, o_g, o_c + 2, e2, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT,
+                HAS_SMOOTHING, FULL, EVEN_S)  # fmt: skip
+    _store_grad(grad_ptr, o_g, o_c + 3, e3, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT,
+                HAS_SMOOTHING, FULL, EVEN_S)  # fmt: skip
+
+
+@triton.jit
+def _label_kernel(
+    target_ptr,  # labels (N, S) through stride_tn, stride_ts, any integer dtype
+    class_weight_ptr,  # cw_c (C,) fp32, if HAS_CLASS_WEIGHT
+    weight_sums_ptr,  # out: per program, the sum of cw_t over valid labels (their count without class weights)
+    bad_counts_ptr,  # out: per program, the labels outside [0, C) that are not ignore_index
+    S, C, ignore_index, stride_tn, stride_ts,
+    BLOCK: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, INDEX_64: tl.constexpr,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1)
+    if INDEX_64:
+        n = n.to(tl.int64)
+        pid_s = pid_s.to(tl.int64)
+    o_s = pid_s * BLOCK + tl.arange(0, BLOCK)
+    m_p = o_s < S
+    b_t = tl.load(target_ptr + n * stride_tn + o_s * stride_ts, mask=m_p, other=0).to(tl.int64)
+    m_labelled = m_p & (b_t != ignore_index)
+    m_in_range = (b_t >= 0) & (b_t < C)
+    m_valid = m_labelled & m_in_range
+    if HAS_CLASS_WEIGHT:
+        b_w = tl.load(class_weight_ptr + tl.where(m_valid, b_t, 0), mask=m_valid, other=0.0)
+    else:
+        b_w = m_valid.to(tl.float32)
+    pid = n * tl.num_programs(0) + pid_s
+    tl.store(weight_sums_ptr + pid, tl.sum(b_w, 0))
+    tl.store(bad_counts_ptr + pid, tl.sum((m_labelled & ~m_in_range).to(tl.int32), 0))
+
+
+@triton.jit
+def _row_statistics(
+    x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t, b_cw,
+    b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc,
+    BLOCK_P: tl.constexpr, MAIN_GROUPS: tl.constexpr, TAIL_GROUPS: tl.constexpr, CHUNK_GROUPS: tl.constexpr,
+    MAIN_FULL: tl.constexpr, EVEN_S: tl.constexpr, POLY: tl.constexpr, REDUCTION: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, CLAMP_MODE: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):  # fmt: skip
+    """Per position of the block: m, d, z_t, sum_c cw_c (m - z_c) and W; stores the gradient when COMPUTE_GRAD."""
+    if HAS_CLASS_WEIGHT:  # W = sum_c cw_c, wanted with label smoothing, summed over the class blocks below
+        b_weight_sum = 0.0
+    else:
+        b_weight_sum = C + 0.0
+    b_smooth = tl.zeros((BLOCK_P,), tl.float32)
+    if MAIN_GROUPS > 0:
+        # One pass, the whole row in registers: noise, transform and exponential once per element.
+        oc_a, a0, a1, a2, a3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, 0, m_p, C,
+                                                stride_xc, scale, threshold, MAIN_GROUPS, BLOCK_P, CLAMP_MODE, POLY,
+                                                MAIN_FULL, EVEN_S)  # fmt: skip
+        b_m = _max4(a0, a1, a2, a3)
+        if TAIL_GROUPS > 0:
+            oc_b, b0, b1, b2, b3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, MAIN_GROUPS,
+                                                    m_p, C, stride_xc, scale, threshold, TAIL_GROUPS, BLOCK_P,
+                                                    CLAMP_MODE, POLY, False, EVEN_S)  # fmt: skip
+            b_m = tl.maximum(b_m, _max4(b0, b1, b2, b3))
+        b_m = tl.where(b_m == float("-inf"), 0.0, b_m)  # shift by 0 while every z is -inf: exp(-inf) = 0, not NaN
+        b_zt = _label_logit4(oc_a, a0, a1, a2, a3, b_t)
+        if HAS_SMOOTHING:
+            b_smooth += _smoothing_sum4(oc_a, a0, a1, a2, a3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
+            if HAS_CLASS_WEIGHT:
+                b_weight_sum += _class_weight_sum(class_weight_ptr, oc_a, C)
+        a0 = _exp_shifted(a0, b_m)
+        a1 = _exp_shifted(a1, b_m)
+        a2 = _exp_shifted(a2, b_m)
+        a3 = _exp_shifted(a3, b_m)
+        b_d = _sum4(a0, a1, a2, a3)
+        if TAIL_GROUPS > 0:
+            b_zt += _label_logit4(oc_b, b0, b1, b2, b3, b_t)
+            if HAS_SMOOTHING:
+                b_smooth += _smoothing_sum4(oc_b, b0, b1, b2, b3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
+                if HAS_CLASS_WEIGHT:
+                    b_weight_sum += _class_weight_sum(class_weight_ptr, oc_b, C)
+            b0 = _exp_shifted(b0, b_m)
+            b1 = _exp_shifted(b1, b_m)
+            b2 = _exp_shifted(b2, b_m)
+            b3 = _exp_shifted(b3, b_m)
+            b_d += _sum4(b0, b1, b2, b3)
+        if COMPUTE_GRAD:
+            k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
+                                          HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
+            _store_grad4(grad_ptr, o_g, oc_a, a0, a1, a2, a3, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc,
+                         HAS_CLASS_WEIGHT, HAS_SMOOTHING, MAIN_FULL, EVEN_S)  # fmt: skip
+            if TAIL_GROUPS > 0:
+                _store_grad4(grad_ptr, o_g, oc_b, b0, b1, b2, b3, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C,
+                             stride_gc, HAS_CLASS_WEIGHT, HAS_SMOOTHING, False, EVEN_S)  # fmt: skip
+    else:
+        # Two sweeps over chunks of classes: the online softmax (m, d), then the gradient.
+        b_m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+        b_d = tl.zeros((BLOCK_P,), tl.float32)
+        b_zt = tl.zeros((BLOCK_P,), tl.float32)
+        for g_start in range(0, tl.cdiv(C, 4), CHUNK_GROUPS):
+            oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start, m_p,
+                                                  C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE,
+                                                  POLY, False, EVEN_S)  # fmt: skip
+            m_new = tl.maximum(b_m, _max4(z0, z1, z2, z3))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            b_d = b_d * tl.math.exp2((b_m - m_shift) * _LOG2E) + _sum4(
+                _exp_shifted(z0, m_shift), _exp_shifted(z1, m_shift), _exp_shifted(z2, m_shift),
+                _exp_shifted(z3, m_shift),
+            )  # fmt: skip
+            b_zt += _label_logit4(oc, z0, z1, z2, z3, b_t)
+            if HAS_SMOOTHING and HAS_CLASS_WEIGHT:
+                b_weight_sum += _class_weight_sum(class_weight_ptr, oc, C)
+            b_m = m_new
+        b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+        if COMPUTE_GRAD or HAS_SMOOTHING:
+            if COMPUTE_GRAD:
+                k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
+                                              HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
+            for g_start in range(0, tl.cdiv(C, 4), CHUNK_GROUPS):
+                oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start,
+                                                      m_p, C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P,
+                                                      CLAMP_MODE, POLY, False, EVEN_S)  # fmt: skip
+                if HAS_SMOOTHING:
+                    b_smooth += _smoothing_sum4(oc, z0, z1, z2, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
+                if COMPUTE_GRAD:
+                    _store_grad4(grad_ptr, o_g, oc, _exp_shifted(z0, b_m), _exp_shifted(z1, b_m),
+                                 _exp_shifted(z2, b_m), _exp_shifted(z3, b_m), b_t, m_p, k_p, k_t, k_s,
+                                 class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT, HAS_SMOOTHING, False,
+                                 EVEN_S)  # fmt: skip
+    return b_m, b_d, b_zt, b_smooth, b_weight_sum
+
+
+@triton.jit
+def _blv_loss_kernel(
+    x_ptr,  # logits, (N, C, S) through stride_x{n,c,s}
+    target_ptr,  # labels, (N, S) through stride_t{n,s}, any integer dtype
+    variation_weight_ptr,  # w_c (C,) fp32
+    class_weight_ptr,  # cw_c (C,) fp32, if HAS_CLASS_WEIGHT
+    position_weight_ptr,  # (N, S) fp32 through stride_w{n,s}, if HAS_POSITION_WEIGHT
+    seed_ptr,  # the 64-bit Philox key, int64
+    params_ptr,  # [scale, threshold] fp32 of the word -> v transform
+    denom_ptr,  # the divisor of "mean" (REDUCTION == 2), fp32
+    loss_ptr,  # out: loss per position (N*S,) in the logits' dtype, if REDUCTION == 0
+    loss_sums_ptr,  # out: per program, the sum of its positions' losses, fp32
+    grad_ptr,  # out: dloss/dx (N, C, S) through stride_g{n,c,s} (the logits' if GRAD_LIKE_X), if COMPUTE_GRAD
+    S, C, offset, ignore_index, label_smoothing,
+    stride_xn, stride_xc, stride_xs, stride_tn, stride_ts, stride_wn, stride_ws, stride_gn, stride_gc, stride_gs,
+    BLOCK_P: tl.constexpr,  # positions per program
+    MAIN_GROUPS: tl.constexpr,  # one pass: groups of four classes in the main block (a power of two), else 0
+    TAIL_GROUPS: tl.constexpr,  # one pass: groups in the tail block (0 or a power of two)
+    CHUNK_GROUPS: tl.constexpr,  # two sweeps (MAIN_GROUPS == 0): groups per chunk
+    MAIN_FULL: tl.constexpr,  # every class of the main block is < C: no class masks there
+    EVEN_S: tl.constexpr,  # S % BLOCK_P == 0: no position masks
+    GRAD_LIKE_X: tl.constexpr,  # the gradient has the logits' strides: one set of offsets serves both
+    REDUCTION: tl.constexpr,  # 0 none, 1 sum, 2 mean
+    COMPUTE_GRAD: tl.constexpr, CLAMP_MODE: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
+    HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    INDEX_64: tl.constexpr,  # some element offset is >= 2**31: 64-bit index arithmetic
+    VECTOR: tl.constexpr = 1,
+):  # fmt: skip
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1)
+    if INDEX_64:
+        n = n.to(tl.int64)
+        pid_s = pid_s.to(tl.int64)
+    o_s = tl.max_contiguous(pid_s * BLOCK_P + tl.arange(0, BLOCK_P), VECTOR)
+    m_p = o_s < S
+
+    # per position: label, weights, element offsets, Philox counter (lo32(q), hi32(q)), q = offset + n*S + s
+    if EVEN_S:
+        b_t = tl.load(target_ptr + n * stride_tn + o_s * stride_ts).to(tl.int64)
+    else:
+        b_t = tl.load(target_ptr + n * stride_tn + o_s * stride_ts, mask=m_p, other=0).to(tl.int64)
+    m_valid = m_p & (b_t != ignore_index) & (b_t >= 0) & (b_t < C)
+    b_t = tl.where(m_valid, b_t, -1).to(tl.int32)  # -1 matches no class: an invalid label is never an index
+    if HAS_CLASS_WEIGHT:
+        b_cw = tl.load(class_weight_ptr + b_t, mask=m_valid, other=0.0)
+    else:
+        b_cw = m_valid.to(tl.float32)
+    if HAS_POSITION_WEIGHT:
+        b_pw = tl.load(position_weight_ptr + n * stride_wn + o_s * stride_ws, mask=m_p, other=0.0)
+    else:
+        b_pw = 1.0
+    o_x = n * stride_xn + o_s * stride_xs
+    if GRAD_LIKE_X:
+        o_g = o_x
+        stride_gc = stride_xc
+    else:
+        o_g = n * stride_gn + o_s * stride_gs
+    q = n.to(tl.int64) * S + o_s + offset
+    q_lo = q.to(tl.uint32)
+    q_hi = (q >> 32).to(tl.uint32)
+    seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    scale = tl.load(params_ptr)
+    threshold = tl.load(params_ptr + 1)
+    eps = label_smoothing
+
+    # One uniform branch for the whole row: the erfinv of the transform (noise.variation_from_words).
+    if threshold <= _POLY_MAX:
+        b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
+            x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
+            b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
+            CHUNK_GROUPS, MAIN_FULL, EVEN_S, True, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
+            HAS_POSITION_WEIGHT, HAS_SMOOTHING,
+        )  # fmt: skip
+    else:
+        b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
+            x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
+            b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
+            CHUNK_GROUPS, MAIN_FULL, EVEN_S, False, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
+            HAS_POSITION_WEIGHT, HAS_SMOOTHING,
+        )  # fmt: skip
+
+    b_log_d = tl.log(b_d)
+    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid
+    b_loss = (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d)
+    if HAS_SMOOTHING:
+        b_loss += tl.where(m_valid, (eps / C) * (b_smooth + b_weight_sum * b_log_d), 0.0)
+    if HAS_POSITION_WEIGHT:
+        b_loss *= b_pw  # 0 * NaN = NaN even where not valid, as the reference (and mmseg) give
+    b_loss = tl.where(m_p, b_loss, 0.0)
+    tl.store(loss_sums_ptr + n * tl.num_programs(0) + pid_s, tl.sum(b_loss, 0))
+    if REDUCTION == 0:
+        tl.store(loss_ptr + n * S + o_s, b_loss.to(loss_ptr.dtype.element_ty), mask=m_p)
+
+
+@triton.jit
+def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
+    """grad *= grad_output, in place; every program returns at once when grad_output is exactly 1."""
+    scale = tl.load(grad_output_ptr)
+    if scale != 1.0:
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < numel
+        b_g = tl.load(grad_ptr + o, mask=m)
+        tl.store(grad_ptr + o, (b_g.to(tl.float32) * scale).to(grad_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+ONE_PASS_MAX_GROUPS = 8  # classes held in registers per position: up to 32
+CHUNK_GROUPS = 4  # classes per chunk of the two-sweep path: 16
+LABEL_BLOCK = 1024
+SCALE_BLOCK = 4096
+
+
+class KernelConfig(NamedTuple):
+    block_p: int  # positions per program
+    num_warps: int
+    main_groups: int  # one pass: groups of four classes in the main block, else 0
+    tail_groups: int  # one pass: groups in the tail block
+    chunk_groups: int  # two sweeps: groups per chunk
+
+
+def kernel_config(num_classes: int) -> KernelConfig:
+    """The loss kernel's blocks for C classes: the row in registers as a main block (a power of two
+    of groups of four) and a tail block when C <= 4 * ONE_PASS_MAX_GROUPS, else chunks."""
+    groups = triton.cdiv(num_classes, 4)
+    if groups <= ONE_PASS_MAX_GROUPS:
+        main = triton.next_power_of_2(groups + 1) // 2  # the largest power of two <= groups
+        rest = groups - main
+        return KernelConfig(128, 4, main, triton.next_power_of_2(rest) if rest else 0, 0)
+    return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS)
+
+
+def _one_run(batch: int, spatial: int, strides: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """(N, S) positions as one run (1, N*S) when every tensor's (n, s) strides allow it (channels_last,
+    rows, contiguous labels): the programs then never straddle samples. Returns (N, S, spatial strides)."""
+    if batch > 1 and all(spatial == 1 or stride_n == spatial * stride_s for stride_n, stride_s in strides):
+        return 1, batch * spatial, [stride_n if spatial == 1 else stride_s for stride_n, stride_s in strides]
+    return batch, spatial, [stride_s for _, stride_s in strides]
+
+
+def forward(problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
+    logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
+    target, (stn, sts) = as_ncs(problem.target, 1)
+    position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
+        problem.position_weight, 1)  # fmt: skip
+    grad, (sgn, sgc, sgs) = None, (0, 0, 0)
+    if compute_grad:
+        grad = empty_gradient(problem.logits)
+        _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
+    batch, positions, num_classes = logits.shape[0], problem.positions, problem.num_classes
+    spatial = positions // batch if batch else 0
+    n_strides = [(sxn, sxs), (stn, sts), (swn, sws), (sgn, sgs)]
+    runs, spatial, (sxs, sts, sws, sgs) = _one_run(batch, spatial, [s for s in n_strides])
+    sxn, stn, swn, sgn = (0, 0, 0, 0) if runs == 1 else (sxn, stn, swn, sgn)
+    device = logits.device
+    largest_offset = max(
+        (t.numel() and sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)))
+        for t in (logits, target, grad if grad is not None else logits)
+    )  # fmt: skip
+    index_64 = max(largest_offset, positions) >= 2**31
+    has_class_weight, has_position_weight = problem.class_weight is not None, position_weight is not None
+
+    label_grid = (triton.cdiv(spatial, LABEL_BLOCK), runs)
+    weight_sums = torch.empty(label_grid[0] * runs, dtype=torch.float32, device=device)
+    bad_counts = torch.empty(label_grid[0] * runs, dtype=torch.int32, device=device)
+    if weight_sums.numel():
+        _label_kernel[label_grid](
+            target_ptr=target, class_weight_ptr=problem.class_weight, weight_sums_ptr=weight_sums,
+            bad_counts_ptr=bad_counts, S=spatial, C=num_classes, ignore_index=problem.ignore_index,
+            stride_tn=stn, stride_ts=sts, BLOCK=LABEL_BLOCK, HAS_CLASS_WEIGHT=has_class_weight, INDEX_64=index_64,
+        )  # fmt: skip
+    ops.check_labels(problem, bad_counts)
+    denom = ops.mean_divisor(problem, weight_sums)
+
+    config = kernel_config(num_classes)
+    grid = (triton.cdiv(spatial, config.block_p), runs)
+    loss_sums = torch.empty(grid[0] * runs, dtype=torch.float32, device=device)
+    per_position = None
+    if problem.reduction == "none":
+        per_position = torch.empty(problem.target.shape, dtype=logits.dtype, device=device)
+    if loss_sums.numel():
+        _blv_loss_kernel[grid](
+            x_ptr=logits, target_ptr=target, variation_weight_ptr=problem.variation_weight,
+            class_weight_ptr=problem.class_weight, position_weight_ptr=position_weight, seed_ptr=problem.seed,
+            params_ptr=problem.variation_params, denom_ptr=denom, loss_ptr=per_position, loss_sums_ptr=loss_sums,
+            grad_ptr=grad, S=spatial, C=num_classes, offset=problem.offset, ignore_index=problem.ignore_index,
+            label_smoothing=problem.label_smoothing, stride_xn=sxn, stride_xc=sxc, stride_xs=sxs, stride_tn=stn,
+            stride_ts=sts, stride_wn=swn, stride_ws=sws, stride_gn=sgn, stride_gc=sgc, stride_gs=sgs,
+            BLOCK_P=config.block_p, MAIN_GROUPS=config.main_groups, TAIL_GROUPS=config.tail_groups,
+            CHUNK_GROUPS=config.chunk_groups, MAIN_FULL=4 * config.main_groups <= num_classes,
+            EVEN_S=spatial % config.block_p == 0, GRAD_LIKE_X=grad is None or (sxn, sxc, sxs) == (sgn, sgc, sgs),
+            REDUCTION=_REDUCTION_CODES[problem.reduction],
+            COMPUTE_GRAD=compute_grad, CLAMP_MODE=problem.mode == "clamp", HAS_CLASS_WEIGHT=has_class_weight,
+            HAS_POSITION_WEIGHT=has_position_weight, HAS_SMOOTHING=problem.label_smoothing > 0,
+            INDEX_64=index_64, num_warps=config.num_warps,
+        )  # fmt: skip
+    loss = ops.reduced_loss(problem, loss_sums, denom, per_position)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output (a one-element float32 tensor) in place; the kernel reads nothing when it is exactly 1."""
+    if grad.numel():
+        _scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
+            grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK
+        )

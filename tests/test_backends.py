@@ -1,0 +1,226 @@
+"""Every fused backend against the reference on the shared grid (tests/grid.py), plus the
+backend table: resolution, errors, and what ``backend="auto"`` picks."""
+
+import math
+
+import pytest
+import torch
+from grid import CASES, DEVICE, HAS_CUDA, check_matches_reference
+
+from blv_kernels import blv_cross_entropy
+from blv_kernels.backends import BACKENDS, resolve_backend
+
+FUSED = [name for name, backend in BACKENDS.items() if backend.fused]
+
+
+def skip_unless_runs(backend: str, dtype: torch.dtype = torch.float32, device: str = DEVICE) -> None:
+    error = BACKENDS[backend].why_not(torch.device(device).type, dtype)
+    if error is not None:
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+@pytest.mark.parametrize("backend", FUSED)
+def test_matches_reference(backend, case, rng, poisoned):
+    skip_unless_runs(backend, case.dtype)
+    check_matches_reference(backend, case, rng)
+
+
+def test_auto_picks_a_fused_backend_or_the_reference():
+    x = torch.randn(2, 3, device=DEVICE)
+    chosen = resolve_backend("auto", x)
+    assert chosen.name in ("triton", "cuda", "cpu", "reference")
+    assert resolve_backend("auto", x.double()).name == "reference"
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        blv_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), class_counts=[1, 2, 3], backend="fast")
+
+
+# ------------------------------------------------------------------ behaviour every fused backend shares
+
+
+@pytest.fixture(params=FUSED)
+def fused(request) -> str:
+    skip_unless_runs(request.param)
+    return request.param
+
+
+def _loss_grad(backend, x, target, counts, *, grad_out=None, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    loss = blv_cross_entropy(x, target, class_counts=counts, backend=backend, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss) if grad_out is None else grad_out)
+    return loss, grad
+
+
+@pytest.mark.parametrize("shift", [1e4, 1e6, 1e30])
+@pytest.mark.parametrize("sigma", [0.0, 6.0])
+def test_a_constant_added_to_the_logits_changes_nothing(fused, shift, sigma, rng):
+    # F.cross_entropy is shift invariant, so must the kernels be: the logsumexp is kept as
+    # (max, log d) and never formed absolutely (lse - z_t loses the loss to rounding at large
+    # logits). Both sides see the same rounded logits x + shift. At sigma = 0 the reference is
+    # F.cross_entropy itself, to its own tolerance. At sigma = 6 a backend may form z = x + v*w
+    # with one rounding (an FMA) where the reference rounds v*w first: z then differs by up to an
+    # ulp of the logits, which bounds the loss and gradient differences (2 ulps: z_t and lse).
+    x = (torch.randn(6, 19, 4, generator=rng) + shift).to(DEVICE)
+    target = torch.randint(0, 19, (6, 4), generator=rng).to(DEVICE)
+    counts = list(range(1, 20))
+    ours = _loss_grad(fused, x, target, counts, sigma=sigma, seed=3, reduction="none")
+    ref = _loss_grad("reference", x, target, counts, sigma=sigma, seed=3, reduction="none")
+    if sigma == 0:
+        torch.testing.assert_close(ref[0], torch.nn.functional.cross_entropy(x, target, reduction="none"))
+        tolerance = 1e-5
+    else:
+        tolerance = 2 * torch.finfo(torch.float32).eps * x.abs().max().item() + 1e-5
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=tolerance)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=tolerance)
+    if shift == 1e30:  # every z rounds to 1e30: a uniform softmax, loss log(C), as F.cross_entropy gives
+        torch.testing.assert_close(ours[0], torch.full_like(ours[0], math.log(19)))
+
+
+def test_layout_does_not_change_the_result(fused, rng):
+    x = torch.randn(2, 19, 5, 6, generator=rng).to(DEVICE)
+    wide = torch.zeros(2, 38, 5, 6, device=DEVICE)
+    wide[:, ::2] = x
+    target = torch.randint(0, 19, (2, 5, 6), generator=rng).to(DEVICE)
+    counts = list(range(1, 20))
+    base = _loss_grad(fused, x, target, counts, seed=3, reduction="none")
+    for view in (x.to(memory_format=torch.channels_last), wide[:, ::2]):
+        loss, grad = _loss_grad(fused, view, target, counts, seed=3, reduction="none")
+        torch.testing.assert_close(loss, base[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, base[1], rtol=1e-6, atol=1e-7)
+
+
+def test_deterministic_and_seeded(fused, rng):
+    x = torch.randn(2, 19, 6, 7, generator=rng).to(DEVICE)
+    target = torch.randint(0, 19, (2, 6, 7), generator=rng).to(DEVICE)
+    counts = list(range(1, 20))
+    first, second = (_loss_grad(fused, x, target, counts, seed=11) for _ in range(2))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], _loss_grad(fused, x, target, counts, seed=12)[0])
+
+
+def test_expanded_grad_output(fused, rng):
+    x = torch.randn(2, 7, 3, 4, generator=rng).to(DEVICE)
+    target = torch.randint(0, 7, (2, 3, 4), generator=rng).to(DEVICE)
+    grad_out = torch.randn((), generator=rng).to(DEVICE).expand(target.shape)  # stride 0 everywhere
+    ours = _loss_grad(fused, x, target, list(range(1, 8)), grad_out=grad_out, seed=5, reduction="none")
+    ref = _loss_grad("reference", x, target, list(range(1, 8)), grad_out=grad_out, seed=5, reduction="none")
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_confident_bf16_predictions_keep_their_gradient(fused, rng):
+    # target logit = max + 10: p_t = 1 - O(1e-4); the true-class term p_t - 1 must not cancel to 0.
+    skip_unless_runs(fused, torch.bfloat16)
+    x = torch.randn(64, 19, generator=rng)
+    target = torch.randint(0, 19, (64,), generator=rng)
+    x[torch.arange(64), target] = x.max(dim=1).values + 10
+    x, target = x.to(DEVICE, torch.bfloat16), target.to(DEVICE)
+    counts = list(range(1, 20))
+    gt = _loss_grad("reference", x.double(), target, counts, sigma=0.0, reduction="sum")[1]
+    ours = _loss_grad(fused, x, target, counts, sigma=0.0, reduction="sum")[1]
+    at_target = lambda g: g[torch.arange(64), target].double()
+    assert (at_target(ours) < 0).all()
+    # p_t - 1 ~ -1e-4. Formed in bf16 it would be 0 or -2**-8 (an error of 1e-4 or more); in
+    # fp32 its error is that of z_t - lse, a few fp32 ulps at the logits' magnitude (exp turns
+    # the absolute error of its argument into a relative error of p), plus the bf16 rounding.
+    atol = 4 * torch.finfo(torch.float32).eps * x.float().abs().max().item()
+    torch.testing.assert_close(at_target(ours), at_target(gt), rtol=2**-8, atol=atol)
+
+
+def test_nan_and_inf_propagate_like_pytorch(fused):
+    x = torch.randn(6, 5)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    x[0, 2] = float("inf")  # +inf logit: NaN loss and gradient, as in PyTorch
+    x[1, 3] = float("-inf")  # -inf in another class: probability 0
+    x[2, 2] = float("-inf")  # -inf at the target: infinite loss
+    x[3, 0] = float("nan")  # NaN anywhere: NaN
+    x, target = x.to(DEVICE), target.to(DEVICE)
+    for sigma in (0.0, 6.0):
+        ours = _loss_grad(fused, x, target, [5, 4, 3, 2, 1], sigma=sigma, seed=2, reduction="none")
+        ref = _loss_grad("reference", x, target, [5, 4, 3, 2, 1], sigma=sigma, seed=2, reduction="none")
+        torch.testing.assert_close(ours[0], ref[0], equal_nan=True)
+        torch.testing.assert_close(ours[1], ref[1], equal_nan=True)
+    plain = torch.nn.functional.cross_entropy(x, target, reduction="none")
+    torch.testing.assert_close(ours[0].isnan(), plain.isnan())
+
+
+def test_minus_inf_classes_before_finite_ones(fused, rng):
+    # -inf logits (masked classes) filling the first chunks, finite ones after them
+    x = torch.randn(4, 100, generator=rng)
+    x[:, :64] = float("-inf")
+    target = torch.randint(64, 100, (4,), generator=rng)
+    loss, _ = _loss_grad(fused, x.to(DEVICE), target.to(DEVICE), [1] * 100, sigma=0.0, reduction="none")
+    torch.testing.assert_close(loss.cpu(), torch.nn.functional.cross_entropy(x, target, reduction="none"))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(fused, reduction):
+    x = torch.randn(0, 5, 3, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, 3, dtype=torch.int64, device=DEVICE)
+    loss = blv_cross_entropy(x, target, class_counts=[1, 2, 3, 4, 5], reduction=reduction, backend=fused)
+    expected = torch.nn.functional.cross_entropy(x, target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU raises at once; on a GPU it is a device-side assert")
+@pytest.mark.parametrize("bad", [19, -1, 200, 2**40], ids=["C", "negative", "uint8-200", "beyond-int32"])
+def test_out_of_range_label_raises(fused, bad, rng):
+    x = torch.randn(2, 19, 3, 4, generator=rng)
+    target = torch.randint(0, 19, (2, 3, 4), generator=rng)
+    target[1, 2, 3] = bad
+    if bad == 200:
+        target = target.to(torch.uint8)
+    with pytest.raises(ValueError, match=rf"outside \[0, 19\).*first: {bad}"):
+        blv_cross_entropy(x, target, class_counts=list(range(1, 20)), ignore_index=255, seed=1, backend=fused)
+
+
+def test_backend_errors():
+    x = torch.randn(2, 3, dtype=torch.float64, device=DEVICE)
+    t = torch.tensor([0, 1], device=DEVICE)
+    for name in FUSED:
+        if DEVICE in BACKENDS[name].device_types:
+            with pytest.raises(TypeError, match="float64"):
+                blv_cross_entropy(x, t, class_counts=[1, 2, 3], backend=name)
+        else:
+            with pytest.raises(ValueError, match=f"needs {BACKENDS[name].device_types[0]} tensors"):
+                blv_cross_entropy(x.float(), t, class_counts=[1, 2, 3], backend=name)
+    with pytest.raises(ValueError, match="variation="):
+        blv_cross_entropy(x.float(), t, class_counts=[1, 2, 3], variation=torch.rand(2, 3), backend=FUSED[0])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="full-size shapes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, layout", [((8, 19, 512, 1024), "contiguous"), ((2, 150, 512, 512), "contiguous"),
+                                           ((2, 150, 512, 512), "channels_last"), ((65536, 1000), "contiguous")],
+                         ids=["N8-C19-512x1024", "N2-C150-512x512", "N2-C150-512x512-cl", "N65536-C1000"])  # fmt: skip
+def test_full_size_on_gpu(fused, shape, layout, dtype, rng):
+    from grid import Case, make_inputs
+
+    case = Case(shape, layout=layout, dtype=dtype, ignore=0.1)
+    inputs = make_inputs(case, rng)
+    ours = _loss_grad(fused, inputs.logits, inputs.target, inputs.counts, seed=9)
+    ref = _loss_grad("reference", inputs.logits.float(), inputs.target, inputs.counts, seed=9)
+    half = dtype != torch.float32
+    torch.testing.assert_close(ours[0].float(), ref[0], rtol=2e-3 if half else 1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1].float(), ref[1], rtol=2e-2 if half else 1e-4, atol=1e-7)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a tensor of more than 2**31 elements needs a GPU's memory")
+def test_more_than_2_31_elements_on_gpu(fused):
+    # (1, 4, 2**29 + 7) fp16: 2**31 + 28 elements, so element offsets overflow int32. The
+    # stream is defined per position, so the last positions must equal the reference on a
+    # slice of them evaluated at the matching offset.
+    size = 2**29 + 7
+    x = torch.randn(1, 4, size, device="cuda", dtype=torch.float16)
+    target = torch.randint(0, 4, (1, size), device="cuda")
+    counts = [10, 20, 30, 40]
+    loss, grad = _loss_grad(fused, x, target, counts, seed=4, reduction="none")
+    tail = 1000
+    ref_loss, ref_grad = _loss_grad("reference", x[:, :, -tail:].float(), target[:, -tail:], counts, seed=4,
+                                    offset=size - tail, reduction="none")  # fmt: skip
+    torch.testing.assert_close(loss[:, -tail:].float(), ref_loss, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(grad[:, :, -tail:].float(), ref_grad, rtol=2e-3, atol=1e-3)

@@ -1,0 +1,93 @@
+"""The Triton backend's own pieces: its Philox and word -> v transform against blv_kernels.noise,
+the block configuration for every class count, and the backward's scaling kernel.
+
+The loss and gradient against the reference are in test_backends.py (the shared grid); the
+compiled code's registers, spills and instruction budget in test_static_report.py.
+"""
+
+import pytest
+import torch
+
+from blv_kernels import noise
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from blv_kernels.backends import triton_kernel as tk  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@triton.jit
+def _philox_kernel(key_ptr, counters_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    key = tl.load(key_ptr).to(tl.uint64, bitcast=True)
+    c = [tl.load(counters_ptr + 4 * o + k, mask=m).to(tl.uint32) for k in range(4)]
+    r0, r1, r2, r3 = tk._philox(key.to(tl.uint32), (key >> 32).to(tl.uint32), c[0], c[1], c[2], c[3])
+    tl.store(out_ptr + 4 * o, r0.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * o + 1, r1.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * o + 2, r2.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * o + 3, r3.to(tl.int64), mask=m)
+
+
+def test_philox_equals_the_pytorch_stream(rng):
+    # our Philox (wide multiplies) against noise.philox4x32, counters and keys over all 32/64 bits
+    key = int(torch.randint(0, 2**62, (), generator=rng)) * 2 + 2**63 + 1  # the top bit too
+    counters = torch.randint(0, 2**32, (1000, 4), generator=rng)
+    counters[0] = torch.tensor([2**32 - 1] * 4)
+    words = torch.full_like(counters, -1, device=DEVICE)
+    _philox_kernel[(8,)](noise.seed_tensor(key, DEVICE), counters.to(DEVICE), words, 1000, BLOCK=128)
+    expected = noise.philox4x32(noise.seed_tensor(key, "cpu"), *counters.unbind(1))
+    assert torch.equal(words.cpu(), torch.stack(expected, dim=1))
+
+
+@triton.jit
+def _variation_kernel(words_ptr, params_ptr, out_ptr, n, CLAMP_MODE: tl.constexpr, POLY: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    words = tl.load(words_ptr + o, mask=o < n).to(tl.uint32)
+    scale, threshold = tl.load(params_ptr), tl.load(params_ptr + 1)
+    tl.store(out_ptr + o, tk._variation(words, scale, threshold, CLAMP_MODE, POLY), mask=o < n)
+
+
+@pytest.mark.parametrize("mode", ["abs", "clamp"])
+@pytest.mark.parametrize("sigma", [0.0, 0.05, 0.5, 0.9618, 1.0, 4.0, 6.0])
+def test_transform_matches_pytorch(sigma, mode, rng):
+    params = noise.variation_params(sigma, mode)
+    words = torch.randint(0, 2**32, (20_000,), generator=rng)
+    ref = noise.variation_from_words(words, params)
+    out = torch.full_like(ref, float("nan"), device=DEVICE)
+    _variation_kernel[(20,)](words.to(DEVICE), noise.variation_params_tensor(sigma, DEVICE), out, words.numel(),
+                             params.clamp_mode, params.use_poly, BLOCK=1024)  # fmt: skip
+    # the same float32 operations; only log and FMA contraction (on a GPU) may differ by a few ulps
+    torch.testing.assert_close(out.cpu(), ref, rtol=4 * 2**-24, atol=2**-24)
+    assert torch.equal(out.cpu() == 1, ref == 1)  # the atom at v = 1 is decided on t alone: exact
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 4, 5, 15, 16, 17, 19, 20, 21, 31, 32, 33, 67, 150, 1000, 8192])
+def test_kernel_config_covers_every_class_count(num_classes):
+    config = tk.kernel_config(num_classes)
+    groups = triton.cdiv(num_classes, 4)
+    assert config.block_p % (32 * config.num_warps) == 0
+    if groups <= tk.ONE_PASS_MAX_GROUPS:  # the row in registers, padded only to the next multiple of 4
+        assert config.main_groups & (config.main_groups - 1) == 0 and config.chunk_groups == 0
+        assert config.tail_groups == 0 or config.tail_groups & (config.tail_groups - 1) == 0
+        assert groups <= config.main_groups + config.tail_groups < 2 * groups or groups == 1
+        assert config.main_groups <= groups
+    else:
+        assert config.main_groups == config.tail_groups == 0 and config.chunk_groups > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_kernel(dtype, rng):
+    # That a factor of exactly 1 reads and writes nothing is a property of the compiled code,
+    # checked in test_static_report.py; here the values.
+    grad = torch.randn(5000, generator=rng).to(DEVICE, dtype)
+    before = grad.clone()
+    tk.scale_grad_(grad, torch.ones((), device=DEVICE))
+    assert torch.equal(grad, before)
+    factor = torch.tensor(-0.37, device=DEVICE)
+    tk.scale_grad_(grad, factor)
+    torch.testing.assert_close(grad, (before.float() * factor).to(dtype))
