@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, class_weights
+from .backends import BACKEND_NAMES
 from .integrations.dataset_counts import count_label_files, save_counts
 from .integrations.known_counts import GTA5_CLASS_COUNTS
-from .backends import BACKEND_NAMES
 from .loss import blv_cross_entropy
 
 COMMANDS = ("demo", "count-classes")
@@ -36,7 +36,9 @@ def demo(args: argparse.Namespace) -> int:
     target[:, : h // 8] = 255  # a band of ignored pixels, as in Cityscapes' void label
 
     start = time.perf_counter()
-    loss = blv_cross_entropy(logits, target, class_counts=counts, sigma=args.sigma, ignore_index=255, backend=args.backend)
+    loss = blv_cross_entropy(
+        logits, target, class_counts=counts, sigma=args.sigma, ignore_index=255, backend=args.backend
+    )
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -127,7 +127,6 @@ def test_degenerate_prior_is_plain_cross_entropy(rng):
 def _bad_inputs():
     x = torch.randn(2, 3, 4)
     t = torch.randint(0, 3, (2, 4))
-    counts = [5, 6, 7]
     return [
         ("rank-1", (torch.randn(3), t), {}, ValueError, "shape"),
         ("no-classes", (torch.randn(2, 0, 4), t), {"class_counts": []}, ValueError, "at least one class"),

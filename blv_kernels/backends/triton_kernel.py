@@ -31,6 +31,7 @@ contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -300,11 +301,53 @@ def _label_kernel(
 
 
 @triton.jit
+def _online_softmax_chunk(
+    b_m, b_d, b_zt, b_weight_sum, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, k0, k1, q_lo, q_hi, g_start,
+    m_p, b_t, C, stride_xc, scale, threshold, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr,
+    CLAMP_MODE: tl.constexpr, POLY: tl.constexpr, FULL: tl.constexpr, EVEN_S: tl.constexpr,
+    SUM_CLASS_WEIGHTS: tl.constexpr,
+):  # fmt: skip
+    """Fold one chunk of classes into the running max m and sum d = sum_c exp(z_c - m), and z_t."""
+    oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start, m_p, C,
+                                          stride_xc, scale, threshold, GROUPS, BLOCK_P, CLAMP_MODE, POLY, FULL,
+                                          EVEN_S)  # fmt: skip
+    m_new = tl.maximum(b_m, _max4(z0, z1, z2, z3))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # exp(-inf - 0) = 0 while every z is -inf
+    b_d = b_d * tl.math.exp2((b_m - m_shift) * _LOG2E) + _sum4(
+        _exp_shifted(z0, m_shift), _exp_shifted(z1, m_shift), _exp_shifted(z2, m_shift), _exp_shifted(z3, m_shift)
+    )
+    b_zt += _label_logit4(oc, z0, z1, z2, z3, b_t)
+    if SUM_CLASS_WEIGHTS:
+        b_weight_sum += _class_weight_sum(class_weight_ptr, oc, C)
+    return m_new, b_d, b_zt, b_weight_sum
+
+
+@triton.jit
+def _gradient_chunk(
+    b_smooth, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, k0, k1, q_lo, q_hi, g_start, m_p,
+    b_t, b_m, k_p, k_t, k_s, C, stride_xc, stride_gc, scale, threshold, GROUPS: tl.constexpr, BLOCK_P: tl.constexpr,
+    CLAMP_MODE: tl.constexpr, POLY: tl.constexpr, FULL: tl.constexpr, EVEN_S: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):  # fmt: skip
+    """The second sweep over one chunk: the same noise again, the gradient, and the label-smoothing sum."""
+    oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start, m_p, C,
+                                          stride_xc, scale, threshold, GROUPS, BLOCK_P, CLAMP_MODE, POLY, FULL,
+                                          EVEN_S)  # fmt: skip
+    if HAS_SMOOTHING:
+        b_smooth += _smoothing_sum4(oc, z0, z1, z2, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
+    if COMPUTE_GRAD:
+        _store_grad4(grad_ptr, o_g, oc, _exp_shifted(z0, b_m), _exp_shifted(z1, b_m), _exp_shifted(z2, b_m),
+                     _exp_shifted(z3, b_m), b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT,
+                     HAS_SMOOTHING, FULL, EVEN_S)  # fmt: skip
+    return b_smooth
+
+
+@triton.jit
 def _row_statistics(
     x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t, b_cw,
     b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc,
     BLOCK_P: tl.constexpr, MAIN_GROUPS: tl.constexpr, TAIL_GROUPS: tl.constexpr, CHUNK_GROUPS: tl.constexpr,
-    MAIN_FULL: tl.constexpr, EVEN_S: tl.constexpr, POLY: tl.constexpr, REDUCTION: tl.constexpr,
+    TAIL_CHUNK: tl.constexpr, MAIN_FULL: tl.constexpr, EVEN_S: tl.constexpr, POLY: tl.constexpr, REDUCTION: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, CLAMP_MODE: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):  # fmt: skip
@@ -356,40 +399,42 @@ def _row_statistics(
                 _store_grad4(grad_ptr, o_g, oc_b, b0, b1, b2, b3, b_t, m_p, k_p, k_t, k_s, class_weight_ptr, C,
                              stride_gc, HAS_CLASS_WEIGHT, HAS_SMOOTHING, False, EVEN_S)  # fmt: skip
     else:
-        # Two sweeps over chunks of classes: the online softmax (m, d), then the gradient.
+        # Two sweeps over chunks of classes: the online softmax (m, d), then the gradient. The full
+        # chunks need no class masks; a last, partial chunk (TAIL_CHUNK) has them.
         b_m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
         b_d = tl.zeros((BLOCK_P,), tl.float32)
         b_zt = tl.zeros((BLOCK_P,), tl.float32)
-        for g_start in range(0, tl.cdiv(C, 4), CHUNK_GROUPS):
-            oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start, m_p,
-                                                  C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE,
-                                                  POLY, False, EVEN_S)  # fmt: skip
-            m_new = tl.maximum(b_m, _max4(z0, z1, z2, z3))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            b_d = b_d * tl.math.exp2((b_m - m_shift) * _LOG2E) + _sum4(
-                _exp_shifted(z0, m_shift), _exp_shifted(z1, m_shift), _exp_shifted(z2, m_shift),
-                _exp_shifted(z3, m_shift),
+        full_chunks = C // (4 * CHUNK_GROUPS)
+        for chunk in range(0, full_chunks):  # first sweep
+            b_m, b_d, b_zt, b_weight_sum = _online_softmax_chunk(
+                b_m, b_d, b_zt, b_weight_sum, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, k0, k1, q_lo, q_hi,
+                chunk * CHUNK_GROUPS, m_p, b_t, C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY,
+                True, EVEN_S, HAS_CLASS_WEIGHT and HAS_SMOOTHING,
             )  # fmt: skip
-            b_zt += _label_logit4(oc, z0, z1, z2, z3, b_t)
-            if HAS_SMOOTHING and HAS_CLASS_WEIGHT:
-                b_weight_sum += _class_weight_sum(class_weight_ptr, oc, C)
-            b_m = m_new
+        if TAIL_CHUNK:
+            b_m, b_d, b_zt, b_weight_sum = _online_softmax_chunk(
+                b_m, b_d, b_zt, b_weight_sum, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, k0, k1, q_lo, q_hi,
+                full_chunks * CHUNK_GROUPS, m_p, b_t, C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P,
+                CLAMP_MODE, POLY, False, EVEN_S, HAS_CLASS_WEIGHT and HAS_SMOOTHING,
+            )  # fmt: skip
         b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
         if COMPUTE_GRAD or HAS_SMOOTHING:
-            if COMPUTE_GRAD:
-                k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
-                                              HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
-            for g_start in range(0, tl.cdiv(C, 4), CHUNK_GROUPS):
-                oc, z0, z1, z2, z3 = _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_start,
-                                                      m_p, C, stride_xc, scale, threshold, CHUNK_GROUPS, BLOCK_P,
-                                                      CLAMP_MODE, POLY, False, EVEN_S)  # fmt: skip
-                if HAS_SMOOTHING:
-                    b_smooth += _smoothing_sum4(oc, z0, z1, z2, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
-                if COMPUTE_GRAD:
-                    _store_grad4(grad_ptr, o_g, oc, _exp_shifted(z0, b_m), _exp_shifted(z1, b_m),
-                                 _exp_shifted(z2, b_m), _exp_shifted(z3, b_m), b_t, m_p, k_p, k_t, k_s,
-                                 class_weight_ptr, C, stride_gc, HAS_CLASS_WEIGHT, HAS_SMOOTHING, False,
-                                 EVEN_S)  # fmt: skip
+            k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
+                                          HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
+            for chunk in range(0, full_chunks):  # second sweep
+                b_smooth = _gradient_chunk(
+                    b_smooth, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, k0, k1, q_lo, q_hi,
+                    chunk * CHUNK_GROUPS, m_p, b_t, b_m, k_p, k_t, k_s, C, stride_xc, stride_gc, scale, threshold,
+                    CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY, True, EVEN_S, COMPUTE_GRAD, HAS_CLASS_WEIGHT,
+                    HAS_SMOOTHING,
+                )  # fmt: skip
+            if TAIL_CHUNK:
+                b_smooth = _gradient_chunk(
+                    b_smooth, x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, k0, k1, q_lo, q_hi,
+                    full_chunks * CHUNK_GROUPS, m_p, b_t, b_m, k_p, k_t, k_s, C, stride_xc, stride_gc, scale,
+                    threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY, False, EVEN_S, COMPUTE_GRAD,
+                    HAS_CLASS_WEIGHT, HAS_SMOOTHING,
+                )  # fmt: skip
     return b_m, b_d, b_zt, b_smooth, b_weight_sum
 
 
@@ -412,6 +457,7 @@ def _blv_loss_kernel(
     MAIN_GROUPS: tl.constexpr,  # one pass: groups of four classes in the main block (a power of two), else 0
     TAIL_GROUPS: tl.constexpr,  # one pass: groups in the tail block (0 or a power of two)
     CHUNK_GROUPS: tl.constexpr,  # two sweeps (MAIN_GROUPS == 0): groups per chunk
+    TAIL_CHUNK: tl.constexpr,  # two sweeps: C is not a multiple of 4 * CHUNK_GROUPS, a last partial chunk
     MAIN_FULL: tl.constexpr,  # every class of the main block is < C: no class masks there
     EVEN_S: tl.constexpr,  # S % BLOCK_P == 0: no position masks
     GRAD_LIKE_X: tl.constexpr,  # the gradient has the logits' strides: one set of offsets serves both
@@ -419,14 +465,16 @@ def _blv_loss_kernel(
     COMPUTE_GRAD: tl.constexpr, CLAMP_MODE: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     INDEX_64: tl.constexpr,  # some element offset is >= 2**31: 64-bit index arithmetic
-    VECTOR: tl.constexpr = 1,
 ):  # fmt: skip
     pid_s = tl.program_id(0)
     n = tl.program_id(1)
     if INDEX_64:
         n = n.to(tl.int64)
         pid_s = pid_s.to(tl.int64)
-    o_s = tl.max_contiguous(pid_s * BLOCK_P + tl.arange(0, BLOCK_P), VECTOR)
+    # Contiguity 1: every tile in Triton's default layout, a thread's classes in its own registers
+    # (a vectorised load would give the logits another layout, and the class reductions would
+    # then cross warps through shared memory).
+    o_s = tl.max_contiguous(pid_s * BLOCK_P + tl.arange(0, BLOCK_P), 1)
     m_p = o_s < S
 
     # per position: label, weights, element offsets, Philox counter (lo32(q), hi32(q)), q = offset + n*S + s
@@ -465,14 +513,14 @@ def _blv_loss_kernel(
         b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
             x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
             b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
-            CHUNK_GROUPS, MAIN_FULL, EVEN_S, True, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
+            CHUNK_GROUPS, TAIL_CHUNK, MAIN_FULL, EVEN_S, True, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
             HAS_POSITION_WEIGHT, HAS_SMOOTHING,
         )  # fmt: skip
     else:
         b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
             x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
             b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
-            CHUNK_GROUPS, MAIN_FULL, EVEN_S, False, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
+            CHUNK_GROUPS, TAIL_CHUNK, MAIN_FULL, EVEN_S, False, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
             HAS_POSITION_WEIGHT, HAS_SMOOTHING,
         )  # fmt: skip
 
@@ -503,8 +551,17 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
-ONE_PASS_MAX_GROUPS = 8  # classes held in registers per position: up to 32
-CHUNK_GROUPS = 4  # classes per chunk of the two-sweep path: 16
+# The loss kernel's configuration, chosen by the static report (benchmarks/static_report.py, sm_90,
+# fwd+bwd thread-instructions per element, fp32 / bf16, NCHW 8 x C x 512 x 1024):
+#   C = 24  one pass (6 groups) 54.5 / 56.5   two sweeps, chunks of 1 / 2 groups: 101.4 / 99.5
+#   C = 28  one pass (4 + 4 groups) 64.3, spills 32-64 B   two sweeps: 100.1 / 108.5 (no spills)
+#   C = 32  one pass (8 groups) 50.9, spills 48 B          two sweeps: 99.2 / 97.3 (chunks of 4: 98.9)
+# so the row stays in registers up to 6 groups of four (24 classes); above, two sweeps over chunks of
+# 2 groups (chunks of 4 spill at C = 24-28 and take 168 registers at C = 150). One position per
+# thread (BLOCK_P = 32 x num_warps); ptxas is capped at 112 / 128 registers, which it otherwise
+# exceeds without need (145 unconstrained at C = 150, the same instruction count at 124).
+ONE_PASS_MAX_GROUPS = 6
+CHUNK_GROUPS = 2
 LABEL_BLOCK = 1024
 SCALE_BLOCK = 4096
 
@@ -515,91 +572,143 @@ class KernelConfig(NamedTuple):
     main_groups: int  # one pass: groups of four classes in the main block, else 0
     tail_groups: int  # one pass: groups in the tail block
     chunk_groups: int  # two sweeps: groups per chunk
+    maxnreg: int | None  # register cap (ptxas)
 
 
 def kernel_config(num_classes: int) -> KernelConfig:
-    """The loss kernel's blocks for C classes: the row in registers as a main block (a power of two
-    of groups of four) and a tail block when C <= 4 * ONE_PASS_MAX_GROUPS, else chunks."""
+    """The loss kernel's blocks for C classes (see the table above): the row in registers as a main
+    block (a power of two of groups of four) and a tail block when C <= 4 * ONE_PASS_MAX_GROUPS, else
+    two sweeps over chunks of CHUNK_GROUPS groups."""
     groups = triton.cdiv(num_classes, 4)
     if groups <= ONE_PASS_MAX_GROUPS:
         main = triton.next_power_of_2(groups + 1) // 2  # the largest power of two <= groups
         rest = groups - main
-        return KernelConfig(128, 4, main, triton.next_power_of_2(rest) if rest else 0, 0)
-    return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS)
+        return KernelConfig(128, 4, main, triton.next_power_of_2(rest) if rest else 0, 0, 112)
+    return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
 
 
-def _one_run(batch: int, spatial: int, strides: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
-    """(N, S) positions as one run (1, N*S) when every tensor's (n, s) strides allow it (channels_last,
-    rows, contiguous labels): the programs then never straddle samples. Returns (N, S, spatial strides)."""
-    if batch > 1 and all(spatial == 1 or stride_n == spatial * stride_s for stride_n, stride_s in strides):
-        return 1, batch * spatial, [stride_n if spatial == 1 else stride_s for stride_n, stride_s in strides]
-    return batch, spatial, [stride_s for _, stride_s in strides]
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, planned: the static report compiles exactly what ``__call__`` launches."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, int]
+    args: dict  # every argument by name: tensors (or None), numbers, and the constexprs
+    num_warps: int = 4
+    num_stages: int = 1  # no software pipelining: the loops' loads are not worth the registers
+    maxnreg: int | None = None  # a register cap for ptxas, which otherwise takes more than it needs
+
+    def __call__(self) -> None:
+        if self.grid[0] * self.grid[1]:
+            options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+            if self.maxnreg is not None:
+                options["maxnreg"] = self.maxnreg
+            self.kernel[self.grid](**self.args, **options)
+
+
+@dataclass(frozen=True)
+class Addressed:
+    """The tensors of a problem as the kernels address them: (N, [C,] S) strides, batch and spatial
+    size, and the gradient's buffer. When every per-position tensor lets it, the batch becomes one
+    run of positions (N, S) -> (1, N*S), as in channels_last and (N, C) rows: no program then
+    straddles two samples, and the stream counter q = n*S + s is the same."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    position_weight: torch.Tensor | None
+    grad: torch.Tensor | None
+    runs: int  # N, or 1 after the merge
+    spatial: int  # S, or N*S after the merge
+    strides: dict[str, int]  # stride_x{n,c,s}, stride_t{n,s}, stride_w{n,s}, stride_g{n,c,s}
+    index_64: bool  # an element offset reaches 2**31
+
+    @classmethod
+    def of(cls, problem: ops.BLVProblem, *, compute_grad: bool) -> Addressed:
+        logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
+        target, (stn, sts) = as_ncs(problem.target, 1)
+        position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
+            problem.position_weight, 1)  # fmt: skip
+        grad, (sgn, sgc, sgs) = None, (0, 0, 0)
+        if compute_grad:
+            grad = empty_gradient(problem.logits)
+            _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
+        batch, positions = logits.shape[0], problem.positions
+        spatial = positions // batch if batch else 0
+        per_position = [(sxn, sxs), (stn, sts), (swn, sws), (sgn, sgs)]
+        runs = batch
+        if batch > 1 and all(spatial == 1 or n == spatial * s for n, s in per_position):
+            runs, spatial = 1, positions
+            sxs, sts, sws, sgs = (n if problem.positions == batch else s for n, s in per_position)
+            sxn = stn = swn = sgn = 0
+        largest_offset = max(
+            sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+            for t in (logits, target, logits if grad is None else grad)
+        )  # fmt: skip
+        strides = dict(stride_xn=sxn, stride_xc=sxc, stride_xs=sxs, stride_tn=stn, stride_ts=sts, stride_wn=swn,
+                       stride_ws=sws, stride_gn=sgn, stride_gc=sgc, stride_gs=sgs)  # fmt: skip
+        return cls(logits, target, position_weight, grad, runs, spatial, strides,
+                   max(largest_offset, positions) >= 2**31)  # fmt: skip
+
+
+def label_launch(problem: ops.BLVProblem, view: Addressed) -> Launch:
+    """The label pass; its outputs ``weight_sums_ptr`` and ``bad_counts_ptr`` are in ``args``."""
+    grid = (triton.cdiv(view.spatial, LABEL_BLOCK), view.runs)
+    device = view.logits.device
+    return Launch(_label_kernel, grid, dict(
+        target_ptr=view.target, class_weight_ptr=problem.class_weight,
+        weight_sums_ptr=torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device),
+        bad_counts_ptr=torch.empty(grid[0] * grid[1], dtype=torch.int32, device=device), S=view.spatial,
+        C=problem.num_classes, ignore_index=problem.ignore_index, stride_tn=view.strides["stride_tn"],
+        stride_ts=view.strides["stride_ts"], BLOCK=LABEL_BLOCK, HAS_CLASS_WEIGHT=problem.class_weight is not None,
+        INDEX_64=view.index_64,
+    ))  # fmt: skip
+
+
+def loss_launch(problem: ops.BLVProblem, view: Addressed, denom: torch.Tensor | None) -> Launch:
+    """The loss pass; its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
+    ``grad_ptr`` are in ``args``."""
+    config = kernel_config(problem.num_classes)
+    grid = (triton.cdiv(view.spatial, config.block_p), view.runs)
+    device, dtype = view.logits.device, view.logits.dtype
+    s = view.strides
+    grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
+    return Launch(_blv_loss_kernel, grid, dict(
+        x_ptr=view.logits, target_ptr=view.target, variation_weight_ptr=problem.variation_weight,
+        class_weight_ptr=problem.class_weight, position_weight_ptr=view.position_weight, seed_ptr=problem.seed,
+        params_ptr=problem.variation_params, denom_ptr=denom,
+        loss_ptr=torch.empty(problem.target.shape, dtype=dtype, device=device) if problem.reduction == "none" else None,
+        loss_sums_ptr=torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device), grad_ptr=view.grad,
+        S=view.spatial, C=problem.num_classes, offset=problem.offset, ignore_index=problem.ignore_index,
+        label_smoothing=problem.label_smoothing, **s,
+        BLOCK_P=config.block_p, MAIN_GROUPS=config.main_groups, TAIL_GROUPS=config.tail_groups,
+        CHUNK_GROUPS=config.chunk_groups, TAIL_CHUNK=config.chunk_groups > 0 and problem.num_classes % (4 * config.chunk_groups) != 0,
+        MAIN_FULL=4 * config.main_groups <= problem.num_classes,
+        EVEN_S=view.spatial % config.block_p == 0, GRAD_LIKE_X=grad_like_x,
+        REDUCTION=_REDUCTION_CODES[problem.reduction], COMPUTE_GRAD=view.grad is not None,
+        CLAMP_MODE=problem.mode == "clamp", HAS_CLASS_WEIGHT=problem.class_weight is not None,
+        HAS_POSITION_WEIGHT=view.position_weight is not None, HAS_SMOOTHING=problem.label_smoothing > 0,
+        INDEX_64=view.index_64,
+    ), num_warps=config.num_warps, maxnreg=config.maxnreg)  # fmt: skip
+
+
+def scale_launch(grad: torch.Tensor, grad_output: torch.Tensor) -> Launch:
+    return Launch(_scale_kernel, (triton.cdiv(grad.numel(), SCALE_BLOCK), 1),
+                  dict(grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK))  # fmt: skip
 
 
 def forward(problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
-    logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
-    target, (stn, sts) = as_ncs(problem.target, 1)
-    position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
-        problem.position_weight, 1)  # fmt: skip
-    grad, (sgn, sgc, sgs) = None, (0, 0, 0)
-    if compute_grad:
-        grad = empty_gradient(problem.logits)
-        _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
-    batch, positions, num_classes = logits.shape[0], problem.positions, problem.num_classes
-    spatial = positions // batch if batch else 0
-    n_strides = [(sxn, sxs), (stn, sts), (swn, sws), (sgn, sgs)]
-    runs, spatial, (sxs, sts, sws, sgs) = _one_run(batch, spatial, [s for s in n_strides])
-    sxn, stn, swn, sgn = (0, 0, 0, 0) if runs == 1 else (sxn, stn, swn, sgn)
-    device = logits.device
-    largest_offset = max(
-        (t.numel() and sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)))
-        for t in (logits, target, grad if grad is not None else logits)
-    )  # fmt: skip
-    index_64 = max(largest_offset, positions) >= 2**31
-    has_class_weight, has_position_weight = problem.class_weight is not None, position_weight is not None
-
-    label_grid = (triton.cdiv(spatial, LABEL_BLOCK), runs)
-    weight_sums = torch.empty(label_grid[0] * runs, dtype=torch.float32, device=device)
-    bad_counts = torch.empty(label_grid[0] * runs, dtype=torch.int32, device=device)
-    if weight_sums.numel():
-        _label_kernel[label_grid](
-            target_ptr=target, class_weight_ptr=problem.class_weight, weight_sums_ptr=weight_sums,
-            bad_counts_ptr=bad_counts, S=spatial, C=num_classes, ignore_index=problem.ignore_index,
-            stride_tn=stn, stride_ts=sts, BLOCK=LABEL_BLOCK, HAS_CLASS_WEIGHT=has_class_weight, INDEX_64=index_64,
-        )  # fmt: skip
-    ops.check_labels(problem, bad_counts)
-    denom = ops.mean_divisor(problem, weight_sums)
-
-    config = kernel_config(num_classes)
-    grid = (triton.cdiv(spatial, config.block_p), runs)
-    loss_sums = torch.empty(grid[0] * runs, dtype=torch.float32, device=device)
-    per_position = None
-    if problem.reduction == "none":
-        per_position = torch.empty(problem.target.shape, dtype=logits.dtype, device=device)
-    if loss_sums.numel():
-        _blv_loss_kernel[grid](
-            x_ptr=logits, target_ptr=target, variation_weight_ptr=problem.variation_weight,
-            class_weight_ptr=problem.class_weight, position_weight_ptr=position_weight, seed_ptr=problem.seed,
-            params_ptr=problem.variation_params, denom_ptr=denom, loss_ptr=per_position, loss_sums_ptr=loss_sums,
-            grad_ptr=grad, S=spatial, C=num_classes, offset=problem.offset, ignore_index=problem.ignore_index,
-            label_smoothing=problem.label_smoothing, stride_xn=sxn, stride_xc=sxc, stride_xs=sxs, stride_tn=stn,
-            stride_ts=sts, stride_wn=swn, stride_ws=sws, stride_gn=sgn, stride_gc=sgc, stride_gs=sgs,
-            BLOCK_P=config.block_p, MAIN_GROUPS=config.main_groups, TAIL_GROUPS=config.tail_groups,
-            CHUNK_GROUPS=config.chunk_groups, MAIN_FULL=4 * config.main_groups <= num_classes,
-            EVEN_S=spatial % config.block_p == 0, GRAD_LIKE_X=grad is None or (sxn, sxc, sxs) == (sgn, sgc, sgs),
-            REDUCTION=_REDUCTION_CODES[problem.reduction],
-            COMPUTE_GRAD=compute_grad, CLAMP_MODE=problem.mode == "clamp", HAS_CLASS_WEIGHT=has_class_weight,
-            HAS_POSITION_WEIGHT=has_position_weight, HAS_SMOOTHING=problem.label_smoothing > 0,
-            INDEX_64=index_64, num_warps=config.num_warps,
-        )  # fmt: skip
-    loss = ops.reduced_loss(problem, loss_sums, denom, per_position)
-    return loss, grad if grad is not None else logits.new_empty(0)
+    view = Addressed.of(problem, compute_grad=compute_grad)
+    labels = label_launch(problem, view)
+    labels()
+    ops.check_labels(problem, labels.args["bad_counts_ptr"])
+    denom = ops.mean_divisor(problem, labels.args["weight_sums_ptr"])
+    loss = loss_launch(problem, view, denom)
+    loss()
+    result = ops.reduced_loss(problem, loss.args["loss_sums_ptr"], denom, loss.args["loss_ptr"])
+    return result, view.grad if view.grad is not None else view.logits.new_empty(0)
 
 
 def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad *= grad_output (a one-element float32 tensor) in place; the kernel reads nothing when it is exactly 1."""
-    if grad.numel():
-        _scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
-            grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK
-        )
+    scale_launch(grad, grad_output)()

@@ -5,9 +5,9 @@ The mmsegmentation adapter (:mod:`blv_kernels.integrations.mmseg`) and the mmeng
 needs mmseg or mmengine.
 """
 
-from .online_counts import ClassCounter
 from .dataset_counts import CountResult, count_classes, count_label_files, load_counts, read_label, save_counts
 from .known_counts import CITYSCAPES_CLASSES, GTA5_CLASS_COUNTS, RELEASED_CONFIG_COUNTS_WITH_CAR_TYPO
+from .online_counts import ClassCounter
 from .schedule import SigmaSchedule
 
 __all__ = [

@@ -1,0 +1,302 @@
+"""Static performance report of the fused Triton backend: what its sm_90 code costs, on a CPU.
+
+    python -m benchmarks.static_report [--json] [--cases NAME,...]
+
+For each benchmark case (shape, dtype, layout) it plans the launches of one training step
+exactly as ``backends/triton_kernel.py`` does (on meta tensors: ``label_launch``,
+``loss_launch`` with the gradient, ``scale_launch``), compiles each for sm_90 with the argument
+specialisation Triton's JIT would give those arguments (integers equal to 1 become constants,
+multiples of 16 are marked so), walks the SASS of one program with ``benchmarks/sass.py`` and
+reports per kernel and for the whole step: registers, spills, resident blocks per SM, dynamic
+thread-instructions per logical element by class, bytes per element, and the predicted H100
+time. **Static estimates, not measurements**: the model is ``sass.predict`` (132 SMs x 128
+lanes x 1.755 GHz issue, 3.0 TB/s), with the issue efficiency calibrated on H100 measurements of
+a similar class-chunked kernel (0.53 at C = 19, 0.71 at C = 150; predictions within 0.8-1.25 of
+those measurements). ``benchmarks/gpu_check.sh`` prints it beside the measured times, so that
+the model can be recalibrated whenever a GPU runs.
+
+Assumptions of the walk (per program): sigma = 6, so the polynomial erfinv (threshold <= 0.7)
+runs; the mean reduction, no class or position weights, no label smoothing, int64 labels; the
+backward's grad_output is exactly 1 (``loss.backward()``), so the scaling kernel reads only the
+scalar. Loop trips come from the launch parameters (the two class sweeps of C > 32 run
+C // (4 CHUNK_GROUPS) full chunks each, then one partial chunk). Every program is taken to run the same path; the
+last, partial program of a grid and the grid's tail on the GPU are not modelled. Must run
+without TRITON_INTERPRET (the interpreter compiles nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from blv_kernels.backends import triton_kernel as tk
+from blv_kernels.ops import BLVProblem
+
+from . import sass
+
+ARCH = 90
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+          torch.int32: "i32", torch.uint8: "u8"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    layout: str  # "nchw", "channels_last" or "rows" ((N, C) logits)
+
+    @property
+    def name(self) -> str:
+        dims = "x".join(map(str, self.shape))
+        return f"{dims}-{_TYPES[self.dtype]}-{self.layout}"
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_classes(self) -> int:
+        return self.shape[1]
+
+
+CASES = {
+    case.name: case
+    for shape in [(8, 19, 512, 1024), (16, 150, 512, 512)]
+    for dtype in (torch.float32, torch.bfloat16)
+    for layout in ("nchw", "channels_last")
+    for case in [Case(shape, dtype, layout)]
+} | {c.name: c for c in [Case((65536, 1000), torch.float32, "rows"), Case((65536, 1000), torch.bfloat16, "rows")]}
+# the issue's budget: thread-instructions per element, forward + backward, NCHW (channels_last and rows: 1.25x)
+BUDGET = {19: 75.0, 150: 100.0}
+
+
+def meta_problem(case: Case) -> tuple[BLVProblem, torch.Tensor]:
+    """A BLVProblem of the case's shape and layout on the meta device (no memory, no data), and a
+    one-element tensor for the divisor of "mean" and the backward's grad_output."""
+    logits = torch.empty(case.shape, dtype=case.dtype, device="meta")
+    if case.layout == "channels_last":
+        logits = logits.to(memory_format=torch.channels_last)
+    target = torch.empty(case.shape[:1] + case.shape[2:], dtype=torch.int64, device="meta")
+    scalar = torch.empty((), dtype=torch.float32, device="meta")
+    return BLVProblem(
+        logits=logits, target=target, variation_weight=torch.empty(case.num_classes, device="meta"),
+        class_weight=None, position_weight=None, seed=torch.empty((), dtype=torch.int64, device="meta"),
+        variation_params=torch.empty(2, device="meta"), avg_factor=None, offset=0, ignore_index=255,
+        reduction="mean", mode="abs", label_smoothing=0.0,
+    ), scalar  # fmt: skip
+
+
+def specialise(launch: tk.Launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's JIT specialises ``launch.args``: tensors are
+    16-byte aligned pointers, integers equal to 1 constants, multiples of 16 marked divisible."""
+    fn = launch.kernel
+    constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = launch.args[name]
+        if name in constexpr_names or value is None:
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    return signature, constexprs, attrs
+
+
+PHILOX = (sass.python_function_lines(tk.__file__, "_philox"),)  # our own Philox, for the "philox" class
+
+
+def _line(function, text: str) -> tuple[str, int]:
+    return (tk.__file__, sass.line_of(function, text))
+
+
+def _walk_options(case: Case, launch: tk.Launch) -> dict:
+    """Loop trips and branch decisions of one program, from the launch parameters (module docstring)."""
+    trips, branches = {}, {}
+    if launch.kernel is tk._blv_loss_kernel:
+        # the uniform branch on the erfinv: sigma = 6 takes the polynomial, the call on the line after the if
+        file, line = _line(tk._blv_loss_kernel, "if threshold <= _POLY_MAX:")
+        branches[(file, line)] = sass.runs((file, line + 1))
+        full_chunks = case.num_classes // (4 * max(launch.args["CHUNK_GROUPS"], 1))  # then a masked partial one
+        for sweep in ("# first sweep", "# second sweep"):
+            trips[_line(tk._row_statistics, sweep)] = full_chunks
+    if launch.kernel is tk._scale_kernel:  # grad_output == 1: the scaling is skipped
+        branches[_line(tk._scale_kernel, "if scale != 1.0:")] = sass.skips(_line(tk._scale_kernel, "b_g = tl.load("))
+    return dict(trips=trips, branches=branches, default=[sass.skip_slow_paths, _partial_exit])
+
+
+def _partial_exit(branch: sass.Branch) -> sass.Decision | None:
+    """``@P EXIT`` lets the lanes that store a program's scalar result go on: the warp runs both ways."""
+    return sass.Decision.BOTH if branch.instruction.base == "EXIT" else None
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    case: str
+    kernel: str
+    registers: int
+    spill_bytes: int
+    blocks_per_sm: int
+    per_element: dict[str, float]  # thread-instructions per logical element of the whole tensor, by class
+    memory_lines: list[str]  # what the executed memory instructions are: the kernel-file source lines
+
+    @property
+    def total(self) -> float:
+        return sum(self.per_element.values())
+
+
+def kernel_rows(case: Case) -> list[KernelRow]:
+    """The launches of one training step (forward with gradient, backward with grad_output 1), walked."""
+    problem, grad_output = meta_problem(case)
+    view = tk.Addressed.of(problem, compute_grad=True)
+    label = tk.label_launch(problem, view)
+    loss = tk.loss_launch(problem, view, grad_output)
+    scale = tk.scale_launch(view.grad, grad_output)
+    rows = []
+    for launch in (label, loss, scale):
+        signature, constexprs, attrs = specialise(launch)
+        compiled = sass.compile_triton(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
+                                       num_stages=launch.num_stages, maxnreg=launch.maxnreg, arch=ARCH,
+                                       attrs=attrs)  # fmt: skip
+        walk = sass.walk(sass.disassemble(compiled.cubin), compiled.name, **_walk_options(case, launch))
+        resources = sass.resource_usage(compiled.cubin)[compiled.name]
+        occupancy = sass.blocks_per_sm(resources.registers, 32 * compiled.num_warps,
+                                       resources.own_shared + compiled.shared)  # fmt: skip
+        # per program, then times the programs of the grid, over the elements of the whole tensor
+        programs = launch.grid[0] * launch.grid[1]
+        per_element = {cls: n * 32 * compiled.num_warps * programs / case.elements
+                       for cls, n in walk.by_class(PHILOX).items()}  # fmt: skip
+        memory_lines = sorted({_source_text(i) for i in walk.executions if sass.classify(i) == "memory"})
+        rows.append(KernelRow(case.name, launch.kernel.fn.__name__, resources.registers, resources.spill_bytes,
+                              occupancy.blocks, per_element, memory_lines))  # fmt: skip
+    return rows
+
+
+def _source_text(instruction: sass.Instruction) -> str:
+    """The kernel-file line an instruction comes from, as text (parameter loads have none)."""
+    here = next((loc for loc in instruction.locations if loc.file == tk.__file__), None)
+    return _SOURCE[here.line - 1].strip() if here else "(kernel parameters)"
+
+
+_SOURCE = open(tk.__file__).read().splitlines()
+
+
+def step_bytes(case: Case) -> int:
+    """DRAM bytes of one training step: the logits read once, the gradient written once, the labels read twice."""
+    positions = case.elements // case.num_classes
+    return 2 * case.elements * case.dtype.itemsize + 2 * positions * 8
+
+
+def case_report(case: Case) -> dict:
+    rows = kernel_rows(case)
+    per_element = {cls: sum(r.per_element[cls] for r in rows) for cls in sass.CLASSES}
+    total = sum(per_element.values())
+    efficiency = sass.calibrated_efficiency(case.num_classes)
+    bytes_moved = step_bytes(case)
+    prediction = sass.predict(total * case.elements, bytes_moved, efficiency)
+    return {
+        "case": case.name, "shape": list(case.shape), "dtype": _TYPES[case.dtype], "layout": case.layout,
+        "kernels": [{"kernel": r.kernel, "registers": r.registers, "spill_bytes": r.spill_bytes,
+                     "blocks_per_sm": r.blocks_per_sm, "per_element": r.per_element, "total": r.total,
+                     "memory_lines": r.memory_lines} for r in rows],
+        "per_element": per_element, "total_per_element": total, "bytes_per_element": bytes_moved / case.elements,
+        "efficiency": efficiency, "predicted_ms": prediction.ms, "issue_ms": prediction.issue_ms,
+        "memory_ms": prediction.memory_ms, "bound": prediction.bound,
+    }  # fmt: skip
+
+
+def config_rows(max_classes: int = 8192) -> list[dict]:
+    """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
+    C in [1, max_classes] (with and without a partial chunk), fp32 and bf16, pixels contiguous
+    (NCHW) and classes contiguous (channels_last, rows)."""
+    chosen = {}
+    for num_classes in range(1, max_classes + 1):
+        config = tk.kernel_config(num_classes)
+        partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
+        chosen.setdefault((config, partial), num_classes)
+    rows = []
+    for (config, partial), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
+        for dtype in (torch.float32, torch.bfloat16):
+            for layout in ("nchw", "rows"):
+                case = Case((2, num_classes, 64, 64) if layout == "nchw" else (8192, num_classes), dtype, layout)
+                problem, scalar = meta_problem(case)
+                launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
+                signature, constexprs, attrs = specialise(launch)
+                compiled = sass.compile_triton(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
+                                               num_stages=launch.num_stages, maxnreg=launch.maxnreg, arch=ARCH,
+                                               attrs=attrs)  # fmt: skip
+                resources = sass.resource_usage(compiled.cubin)[compiled.name]
+                rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,
+                             "dtype": _TYPES[dtype], "layout": layout, "registers": resources.registers,
+                             "spill_bytes": resources.spill_bytes})  # fmt: skip
+    return rows
+
+
+def format_report(reports: list[dict]) -> str:
+    classes = [c for c in sass.CLASSES if any(r["per_element"][c] > 0.05 for r in reports)]
+    lines = [
+        "Static estimate (sm_90 SASS, no GPU): fused Triton BLV, one training step (forward with gradient, "
+        "backward with grad_output 1), sigma 6, mean, int64 labels",
+        f"{'case':32} {'kernel':18} {'regs':>4} {'spill':>5} {'blk/SM':>6} " + " ".join(f"{c:>7}" for c in classes)
+        + f" {'total':>7}",
+    ]  # fmt: skip
+    for r in reports:
+        for k in r["kernels"]:
+            lines.append(f"{r['case']:32} {k['kernel']:18} {k['registers']:4d} {k['spill_bytes']:5d} "
+                         f"{k['blocks_per_sm']:6d} " + " ".join(f"{k['per_element'][c]:7.1f}" for c in classes)
+                         + f" {k['total']:7.1f}")  # fmt: skip
+        lines.append(f"{r['case']:32} {'step':18} {'':4} {'':5} {'':6} "
+                     + " ".join(f"{r['per_element'][c]:7.1f}" for c in classes)
+                     + f" {r['total_per_element']:7.1f}   {r['bytes_per_element']:.2f} B/elem, predicted H100 "
+                       f"{r['predicted_ms']:.3f} ms ({r['bound']}-bound, efficiency {r['efficiency']:.2f})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--cases", help=f"comma-separated case names (default: all): {', '.join(CASES)}")
+    parser.add_argument(
+        "--all-configs",
+        action="store_true",
+        help="instead: registers and spills of every loss-kernel configuration for C in [1, 8192]",
+    )
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    for tool in ("nvdisasm", "cuobjdump"):
+        if sass.find_tool(tool) is None:
+            parser.error(f"{tool} not found (Triton bundles it with its NVIDIA backend)")
+    if args.all_configs:
+        rows = config_rows()
+        print(json.dumps(rows, indent=1) if args.json else "\n".join(
+            f"C={r['num_classes']:5d} {r['dtype']} {r['layout']:5} {r['config']} partial={r['partial_chunk']}: "
+            f"{r['registers']} registers, {r['spill_bytes']} B spilled" for r in rows))  # fmt: skip
+        return 1 if any(r["spill_bytes"] for r in rows) else 0
+    names = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    reports = [case_report(CASES[n]) for n in names]
+    print(json.dumps(reports, indent=1) if args.json else format_report(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
