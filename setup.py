@@ -1,43 +1,65 @@
-"""Build script: the pure-Python package, plus the CUDA C++ extension of ``csrc/`` when asked.
+"""Build script: the pure-Python package, plus the compiled kernels of ``blv_kernels/csrc`` when asked.
 
-The extension ``blv_kernels._C`` is built when ``BLV_BUILD_CUDA=1``, or when nvcc and a CUDA
-build of torch are both present; ``BLV_BUILD_CUDA=0`` never builds it. torch must be
-importable here, which ``pip install`` build isolation prevents: GPU users run
-``BLV_BUILD_CUDA=1 pip install --no-build-isolation .`` (or rely on the first-use build of
-``blv_kernels.cuda``). Otherwise ``pip install .`` needs no compiler and no CUDA.
-Architectures: ``TORCH_CUDA_ARCH_LIST``, by default ``8.0;9.0+PTX`` (A100, H100/H200; the PTX
-lets newer GPUs compile the kernel at load time).
+``BLV_BUILD_CPU=1`` compiles the CPU kernels into ``blv_kernels/_lib/libblv_cpu.so`` with the
+host's C++ compiler (portable flags: no ``-march=native``, the library may run on other
+machines); ``BLV_BUILD_CUDA=1`` compiles the CUDA kernels into ``libblv_cuda.so`` with nvcc
+(architectures: ``TORCH_CUDA_ARCH_LIST``, by default ``8.0;9.0`` plus PTX of the last). Neither
+needs torch: the libraries have a plain C interface (``csrc/blv_kernel.h``) loaded through
+ctypes, and ``backends/build_csrc.py`` is imported by its file path, so ``pip install .`` works
+with build isolation. Without those variables nothing is compiled and no compiler is needed; the
+C sources ship with the package and are compiled on first use instead.
 """
 
+import importlib.util
 import os
+import shutil
+import sys
+from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+FLAGS = {"cpu": "BLV_BUILD_CPU", "cuda": "BLV_BUILD_CUDA"}
 
 
-def _cuda_extension():
-    flag = os.environ.get("BLV_BUILD_CUDA")
-    if flag == "0":
-        return [], {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        if flag == "1":
-            raise RuntimeError("BLV_BUILD_CUDA=1 needs torch importable: pip install --no-build-isolation .") from None
-        print("blv_kernels: torch is not importable here; installing the pure-Python package (no CUDA extension)")
-        return [], {}
-    if flag != "1" and (torch.version.cuda is None or CUDA_HOME is None):
-        print("blv_kernels: no nvcc or no CUDA build of torch; installing the pure-Python package (no CUDA extension)")
-        return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    ext = CUDAExtension(
-        "blv_kernels._C",
-        sources=["csrc/blv_ops.cpp", "csrc/cuda/blv_kernel.cu"],
-        # no -std flag: torch passes the standard its headers need (C++20 for recent torch)
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+def _build_csrc():
+    """blv_kernels/backends/build_csrc.py, without importing the package (which needs torch)."""
+    spec = importlib.util.spec_from_file_location(
+        "_blv_build_csrc", HERE / "blv_kernels" / "backends" / "build_csrc.py"
     )
-    return [ext], {"build_ext": BuildExtension}
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
-ext_modules, cmdclass = _cuda_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+def _requested() -> list[str]:
+    return [name for name, flag in FLAGS.items() if os.environ.get(flag) == "1"]
+
+
+class BuildPyWithKernels(build_py):
+    """build_py, then the libraries whose BLV_BUILD_* variable is 1 into blv_kernels/_lib."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):  # the package is imported from the source tree: build there
+            lib = HERE / "blv_kernels" / "_lib"
+        else:  # a wheel holds what this build asked for, not a library left in build/ or _lib/ by an earlier one
+            lib = Path(self.build_lib, "blv_kernels", "_lib")
+            shutil.rmtree(lib, ignore_errors=True)
+        requested = _requested()
+        if requested:
+            build_csrc = _build_csrc()
+            for name in requested:
+                build_csrc.build_prebuilt(build_csrc.LIBRARIES[name], lib)
+
+
+class KernelsDistribution(Distribution):
+    """With compiled libraries the wheel is platform-specific (tagged for this platform), else pure Python."""
+
+    def has_ext_modules(self):
+        return bool(_requested())
+
+
+setup(cmdclass={"build_py": BuildPyWithKernels}, distclass=KernelsDistribution)
