@@ -53,8 +53,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 class CompiledKernels:
     """The kernels of one shared library, run on tensors of ``device_type``."""
 
-    def __init__(self, path: Path, device_type: str) -> None:
+    def __init__(self, path: Path, device_type: str, name: str | None = None) -> None:
         self.device_type = device_type
+        self.name = name or device_type  # what errors call these kernels
         lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
         problem, void, i32, i64 = ctypes.POINTER(BlvProblem), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         for name, args, result in [
@@ -71,9 +72,7 @@ class CompiledKernels:
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
-            raise RuntimeError(
-                f"blv_kernels {self.device_type} kernels, {what}: {self.lib.blv_error_string(code).decode()}"
-            )
+            raise RuntimeError(f"blv_kernels {self.name} kernels, {what}: {self.lib.blv_error_string(code).decode()}")
 
     def _launch(self, device: torch.device) -> tuple[int | None, int]:
         """(stream, threads): the current CUDA stream, or the CPU's intra-op thread count."""

@@ -11,8 +11,10 @@
 
 #ifdef __CUDACC__
 #define BLV_HD __host__ __device__ __forceinline__
+#define BLV_UNROLL _Pragma("unroll")
 #else
 #define BLV_HD inline
+#define BLV_UNROLL  // host compilers unroll and vectorise the fixed-count loops on their own
 #endif
 
 namespace blv {
@@ -30,18 +32,18 @@ constexpr int kPhiloxRounds = 10;
 constexpr float kErfinvPolyMax = 0.7f;
 enum ErfinvKind { kPolyErfinv = 1, kGilesErfinv = 2 };
 
-BLV_HD uint32_t mulhi32(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
-
-// Philox4x32-10 on counter (c[0], c[1], c[2], c[3]) with key (k0, k1), in place.
+// Philox4x32-10 on counter (c[0], c[1], c[2], c[3]) with key (k0, k1), in place. Each round's
+// products are formed once as 64-bit values, their high and low halves read from them (one wide
+// multiply each on a GPU).
 BLV_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
-#pragma unroll
+  BLV_UNROLL
   for (int i = 0; i < kPhiloxRounds; ++i) {
-    const uint32_t hi_b = mulhi32(kPhiloxRoundB, c[2]), lo_b = kPhiloxRoundB * c[2];
-    const uint32_t hi_a = mulhi32(kPhiloxRoundA, c[0]), lo_a = kPhiloxRoundA * c[0];
-    c[0] = hi_b ^ c[1] ^ k0;
-    c[1] = lo_b;
-    c[2] = hi_a ^ c[3] ^ k1;
-    c[3] = lo_a;
+    const uint64_t prod_b = (uint64_t)kPhiloxRoundB * c[2];
+    const uint64_t prod_a = (uint64_t)kPhiloxRoundA * c[0];
+    c[0] = (uint32_t)(prod_b >> 32) ^ c[1] ^ k0;
+    c[1] = (uint32_t)prod_b;
+    c[2] = (uint32_t)(prod_a >> 32) ^ c[3] ^ k1;
+    c[3] = (uint32_t)prod_a;
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
@@ -97,16 +99,27 @@ BLV_HD float erfinv_giles(float t) {
   return t * (w < 5.0f ? central : tail);
 }
 
+// The mode as arithmetic, t = max(t_scale * u + t_shift, 0): (1, 0) for "abs" (exactly u, u >= 0)
+// and (2, -1) for "clamp" (exactly max(2u - 1, 0)), so that no branch on the mode is in a hot loop.
+struct Mode {
+  float t_scale, t_shift;
+};
+BLV_HD Mode mode_of(bool clamp_mode) { return clamp_mode ? Mode{2.0f, -1.0f} : Mode{1.0f, 0.0f}; }
+
 // word -> v (noise.variation_from_words):
 //   u = (word >> 8) * 2^-24;  t = u (abs) or max(2u - 1, 0) (clamp)
 //   v = t >= threshold ? 1 : min(scale * erfinv(t), 1)
+// in operations a host compiler vectorises across lanes: selects rather than fminf/fmaxf (x86
+// min/max lack their NaN rule; the values are the same for every input), a signed conversion
+// (word >> 8 < 2^24 is exact either way).
 template <int KIND>
-BLV_HD float variation(uint32_t word, float scale, float threshold, bool clamp_mode) {
-  const float u = (float)(word >> 8) * 5.9604644775390625e-08f;  // 2^-24
-  const float t = clamp_mode ? fmaxf(2.0f * u - 1.0f, 0.0f) : u;
+BLV_HD float variation(uint32_t word, float scale, float threshold, Mode mode) {
+  const float u = (float)(int32_t)(word >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  const float shifted = mode.t_scale * u + mode.t_shift;
+  const float t = shifted > 0.0f ? shifted : 0.0f;
   const float e = KIND == kPolyErfinv ? erfinv_poly(t) : erfinv_giles(t);
-  const float v = fminf(scale * e, 1.0f);
-  return t < threshold ? v : 1.0f;
+  const float v = scale * e;
+  return t < threshold ? (v < 1.0f ? v : 1.0f) : 1.0f;
 }
 
 }  // namespace blv

@@ -130,21 +130,6 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-// blv::variation, in operations the compiler vectorises across lanes: fminf and fmaxf become
-// selects (x86 min/max lack their NaN rule, so they are not vectorised) that give the same value
-// for every input (scale * e NaN gives 1 both ways), and the mode becomes arithmetic, a loop
-// invariant branch being in the way too: t = max(t_scale * u + t_shift, 0) with (1, 0) for
-// "abs" (u >= 0, exactly u) and (2, -1) for "clamp" (exactly max(2u - 1, 0)).
-template <int KIND>
-inline float variation_lane(uint32_t word, float scale, float threshold, float t_scale, float t_shift) {
-  const float u = static_cast<float>(static_cast<int32_t>(word >> 8)) * 5.9604644775390625e-08f;  // 2^-24
-  const float shifted = t_scale * u + t_shift;
-  const float t = shifted > 0.0f ? shifted : 0.0f;
-  const float e = KIND == kPolyErfinv ? erfinv_poly(t) : erfinv_giles(t);
-  const float v = scale * e;
-  return t < threshold ? (v < 1.0f ? v : 1.0f) : 1.0f;
-}
-
 inline int64_t load_label(const void* target, int32_t dtype, int64_t i) {
   switch (dtype) {
     case BLV_UINT8: return static_cast<const uint8_t*>(target)[i];
@@ -237,7 +222,7 @@ struct LossCall {
   int64_t block_positions;
   uint32_t k0, k1;  // the Philox key
   float scale, threshold;
-  float t_scale, t_shift;  // the mode: (1, 0) "abs", (2, -1) "clamp" (variation_lane)
+  blv::Mode mode;          // "abs" or "clamp" as arithmetic (blv::mode_of)
   float denom;             // "mean": the divisor; else 1
   float keep;              // 1 - eps
   float smoothing;         // eps / C (0 without label smoothing)
@@ -339,7 +324,8 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
   using T = typename D::Storage;
   const BlvProblem& pr = k.pr;
   const int64_t C = pr.C, sxc = pr.stride_xc, sgc = k.stride_gc;
-  const float scale = k.scale, threshold = k.threshold, t_scale = k.t_scale, t_shift = k.t_shift;
+  const float scale = k.scale, threshold = k.threshold;
+  const blv::Mode mode = k.mode;
   const float smoothing = k.smoothing, denom = k.denom;
   const float* __restrict variation_weight = pr.variation_weight;
   Tile<TILE> tile;
@@ -363,7 +349,7 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
       for (int j = 0; j < TILE; ++j) {
         const float z_cj = KIND == kNoVariation
                                ? row[j]
-                               : row[j] + variation_lane<KIND>(word[j], scale, threshold, t_scale, t_shift) * w;
+                               : row[j] + variation<KIND>(word[j], scale, threshold, mode) * w;
         z_c[j] = z_cj;
         m[j] = z_cj > m[j] ? z_cj : m[j];  // a NaN z leaves m, but makes its e and d NaN below
       }
@@ -457,7 +443,8 @@ float loss_row(const LossCall& k, int64_t p, float* __restrict scratch) {
   const T* __restrict x = static_cast<const T*>(pr.logits) + n * pr.stride_xn + s * pr.stride_xs;
   const float* __restrict variation_weight = pr.variation_weight;
   const float* __restrict class_weights = k.class_weights;
-  const float scale = k.scale, threshold = k.threshold, t_scale = k.t_scale, t_shift = k.t_shift;
+  const float scale = k.scale, threshold = k.threshold;
+  const blv::Mode mode = k.mode;
   float* __restrict z = scratch;
 
   // 1. v (word c % 4 of class group c / 4; the last group's words past C land in the slack),
@@ -468,7 +455,7 @@ float loss_row(const LossCall& k, int64_t p, float* __restrict scratch) {
     for (int64_t g = 0; 4 * g < C; ++g) {
       uint32_t counter[4] = {q_lo, q_hi, static_cast<uint32_t>(g), 0u};
       philox4x32_10(counter, k.k0, k.k1);
-      for (int i = 0; i < 4; ++i) z[4 * g + i] = variation_lane<KIND>(counter[i], scale, threshold, t_scale, t_shift);
+      for (int i = 0; i < 4; ++i) z[4 * g + i] = variation<KIND>(counter[i], scale, threshold, mode);
     }
   }
   alignas(64) float lane_max[kLanes], lane_d[kLanes], lane_smooth[kLanes];
@@ -646,8 +633,7 @@ extern "C" int blv_loss_pass(const BlvProblem* problem, const float* denom, void
   k.k1 = static_cast<uint32_t>(seed >> 32);
   k.scale = k.pr.variation_params[0];
   k.threshold = k.pr.variation_params[1];
-  k.t_scale = k.pr.clamp_mode != 0 ? 2.0f : 1.0f;
-  k.t_shift = k.pr.clamp_mode != 0 ? -1.0f : 0.0f;
+  k.mode = blv::mode_of(k.pr.clamp_mode != 0);
   k.denom = mean ? *denom : 1.0f;
   const float eps = k.pr.label_smoothing;
   k.keep = 1.0f - eps;

@@ -1,45 +1,77 @@
-// Fused BLV cross-entropy in CUDA: the variation in registers, one read of the logits per pass.
+// Fused BLV cross-entropy in CUDA: the C interface of blv_kernel.h (math, reductions, denom
+// there). The variation is generated in registers; the loss pass reads the logits once and, with
+// `grad`, writes the gradient in the same pass.
 //
-// Math, per position with logits x_c, label t, variation weights w_c (BLV_SPEC.md):
+// Work split. A group of L lanes (L = 1, 2, 4, ..., 32, consecutive in a warp) owns one item,
+// and lane l of it owns the Philox groups g = l, l + L, l + 2L, ... (classes 4g..4g+3), so
+// every Philox call serves four classes:
 //
-//   z_c  = x_c + v_c * w_c                 v_c: word c % 4 of Philox(q, c / 4), see blv_math.cuh
-//   lse  = log sum_c exp(z_c)              online: running max m and sum d = sum_c exp(z_c - m)
-//   l    = (lse - z_t) * weight_t * position_weight
-//   dl/dx_c = (exp(z_c - lse) - [c == t]) * grad_output * weight_t * position_weight (/ denom)
+// - pixel layout (pixels contiguous: NCHW; or no contiguous axis at all): an item is 4
+//   consecutive positions of one image, s0 = 4i.. (the last item of an image may hold fewer).
+//   A class's 4 values are one 16-byte (fp32) or 8-byte (fp16/bf16) access.
+// - class layout (classes contiguous: channels_last, (N, C) rows): an item is one position; the
+//   4 classes of a group are one 16-/8-byte access.
 //
-// The forward writes lse (4 bytes per position), the loss per position ("none") and one row
-// [sum of losses, sum of weights] plus a bad-label count per block, reduced by the caller with
-// torch.sum: deterministic, no atomics. The backward re-reads the logits, regenerates the
-// noise and writes the gradient, as the Triton kernel does (kernels/blv_cross_entropy.py).
+// L is the smallest power of two for which the lanes hold the whole class row in registers,
+// J = kPixelGroups (pixel: J*4*4 = 80 floats) or kClassGroups (class: J*4 = 32 floats) groups a
+// lane; then each element's noise, transform and exp are computed once: z = x + v*w into
+// registers, m = max over the row (lanes merged by shuffles), e = exp(z - m) in place, d = sum e,
+// then the loss and, from the same e, the gradient. Lanes hold ceil(G/L) of G groups, so the
+// busy share is G / (L ceil(G/L)) (C = 19: 5 of 5 slots; C = 150: 38 of 40; C = 1000: 250 of
+// 256). A row longer than 32 lanes hold (pixel C > 640, class C > 1024) is streamed instead:
+// online (m, d) in a first sweep, and with `grad` a second sweep that re-reads the logits and
+// regenerates the noise (twice the noise and exp work, 1.5x the bytes: the price of a row that
+// fits nowhere on chip). The resident pixel row needs about 150 registers a thread: blocks of
+// 128 threads, 3 per SM (12 warps); the other kernels fit 128 registers, 4 blocks or more.
 //
-// Two thread layouts, each with one Philox call serving a group of four classes:
-// - positions: one thread per position (or per VEC positions consecutive in s, read with
-//   16-byte loads when the pixels are contiguous: NCHW), looping over all classes. Used for
-//   NCHW and for few classes.
-// - rows: one warp per position, lanes over groups of four classes (read as one 4-element
-//   load when class-contiguous), merged with warp shuffles. Used when the classes are
-//   contiguous (channels_last, (N, C) rows) and C >= kRowsMinClasses.
+// Vector accesses need no alignment of the tensor: 4 elements at any element-aligned address
+// are read as the one or two aligned vectors that hold them, funnel-shifted (crops such as
+// 769x769 put every class row of an NCHW tensor at another alignment), and written as one vector
+// where aligned, else as two 2-element or 1 + 2 + 1 element stores. A tail item (S % 4
+// positions, or a group of C % 4 classes) and strided axes use scalar accesses.
+//
+// The erfinv variant is read from the device (variation_params), so a new sigma needs no new
+// launch configuration (a captured CUDA graph replays it): one uniform branch per Philox group
+// picks the polynomial or the Giles instantiation of the transform, or none for sigma = 0; the
+// loads, exp and gradient code around it exist once. exp(z - m) is one ex2.approx.ftz (its
+// argument is <= 0: a term flushed to 0 below 2^-126 is 0 next to d >= 1 in float32 too).
+// Block sums are a shuffle tree then warp 0 over the warps: deterministic, no atomics.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
-#include <climits>
-#include <type_traits>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "blv_kernel.h"
-#include "blv_math.cuh"
+#include "blv_math.h"
+
+// Every launch goes through this macro: BLV_LAUNCH(grid, block, stream, kernel)(args...). The
+// tests' CUDA emulation (tests/emulated_cuda) defines it first, to run this source on the host.
+#ifndef BLV_LAUNCH
+#define BLV_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
 
 namespace blv {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = 256;      // label pass, gradient scaling
+constexpr int kLossThreads = 128;  // loss pass
+constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRun = 4;          // elements of one vector access = classes of one Philox call
+constexpr int kPixelGroups = 5;  // J of the pixel layout: 5 groups x 4 classes x 4 positions
+constexpr int kClassGroups = 8;  // J of the class layout: 8 groups x 4 classes
+constexpr int kLabelsPerThread = 4;
+constexpr int kScaleBlocks = 2048;  // grid-stride cap of the gradient scaling
+constexpr int kNoVariation = 0;     // beside blv_math.h's kPolyErfinv, kGilesErfinv
 constexpr float kLog2e = 1.4426950408889634f;
-// Class-contiguous layouts with at least this many classes use a warp per position.
-constexpr int64_t kRowsMinClasses = 64;
 
-__device__ __forceinline__ float fast_exp(float x) { return exp2f(x * kLog2e); }
+enum Status : int { kOk = 0, kBadDtype = 1, kBadProblem = 2, kGridTooLarge = 3, kCudaError = 1000 };
+
+// ------------------------------------------------------------------ elements and vectors
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -52,482 +84,859 @@ __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// 2^x by the SFU with subnormal results flushed to 0 (ex2.approx.ftz: one MUFU.EX2; exp2f and
+// __expf add a subnormal fix-up of three instructions). Used for exp(z - m) with z - m <= 0,
+// next to d >= 1: a term below 2^-126 is 0 in float32 sums anyway. A host build (the tests'
+// emulation) takes exp2f.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
 }
 
-// K consecutive elements moved as one K*sizeof(T)-byte access (the address must be aligned).
-template <typename T, int K>
-struct alignas(sizeof(T) * K) Pack {
-  T v[K];
+// exp(x) for x <= 0 (see exp2_ftz).
+__device__ __forceinline__ float exp_nonpositive(float x) { return exp2_ftz(x * kLog2e); }
+
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// Four elements of T as one aligned vector of kWords 32-bit words (uint4: fp32; uint2: halves):
+// loaded by one __ldg (read-only path), stored by one __stcs (evict-first: the gradient is written
+// once, and at training sizes it is far larger than L2), and so are two of them (store_pair).
+template <typename T>
+struct Run;
+
+template <>
+struct Run<float> {
+  static constexpr int kWords = 4;
+  __device__ __forceinline__ static void load(const uint32_t* p, uint32_t w[4]) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  }
+  __device__ __forceinline__ static void unpack(const uint32_t w[], float f[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(w[i]);
+  }
+  __device__ __forceinline__ static void store(float* p, const float f[4]) {
+    __stcs(reinterpret_cast<uint4*>(p),
+           make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3])));
+  }
+  __device__ __forceinline__ static void store_pair(float* p, float a, float b) {
+    __stcs(reinterpret_cast<uint2*>(p), make_uint2(__float_as_uint(a), __float_as_uint(b)));
+  }
 };
 
-template <typename T, int K>
-__device__ __forceinline__ void load_pack(const T* p, float out[K]) {
-  const Pack<T, K> pack = *reinterpret_cast<const Pack<T, K>*>(p);
-#pragma unroll
-  for (int k = 0; k < K; ++k) out[k] = to_float(pack.v[k]);
-}
-
-template <typename T, int K>
-__device__ __forceinline__ void store_pack(T* p, const float in[K]) {
-  Pack<T, K> pack;
-#pragma unroll
-  for (int k = 0; k < K; ++k) pack.v[k] = from_float<T>(in[k]);
-  *reinterpret_cast<Pack<T, K>*>(p) = pack;
-}
-
-__device__ __forceinline__ int64_t load_label(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case BLV_UINT8: return static_cast<const uint8_t*>(p)[i];
-    case BLV_INT8: return static_cast<const int8_t*>(p)[i];
-    case BLV_INT16: return static_cast<const int16_t*>(p)[i];
-    case BLV_INT32: return static_cast<const int32_t*>(p)[i];
-    default: return static_cast<const int64_t*>(p)[i];
+// fp16 and bf16: a word holds two elements, converted pairwise (one F2FP per pair on sm_80+).
+template <typename T, typename T2>
+struct HalfRun {
+  static constexpr int kWords = 2;
+  __device__ __forceinline__ static float2 to_float2(uint32_t w);
+  __device__ __forceinline__ static uint32_t pack(float a, float b);
+  __device__ __forceinline__ static void load(const uint32_t* p, uint32_t w[2]) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x, w[1] = v.y;
   }
-}
-
-// Per-position values shared by forward and backward.
-struct Position {
-  int64_t n, s;
-  int64_t label;     // the target if valid, else -1 (matches no class)
-  float weight;      // class weight of a valid label, else 0: what "mean" divides by
-  float pos_weight;  // weight * position weight: the factor of the loss
-  uint64_t q;        // Philox position counter, offset + n*S + s
-  bool valid, bad;   // label in [0, C); label outside [0, C) and not ignore_index
+  __device__ __forceinline__ static void unpack(const uint32_t w[], float f[4]) {
+    const float2 lo = to_float2(w[0]), hi = to_float2(w[1]);
+    f[0] = lo.x, f[1] = lo.y, f[2] = hi.x, f[3] = hi.y;
+  }
+  __device__ __forceinline__ static void store(T* p, const float f[4]) {
+    __stcs(reinterpret_cast<uint2*>(p), make_uint2(pack(f[0], f[1]), pack(f[2], f[3])));
+  }
+  __device__ __forceinline__ static void store_pair(T* p, float a, float b) {
+    __stcs(reinterpret_cast<unsigned int*>(p), pack(a, b));
+  }
 };
 
-__device__ __forceinline__ Position load_position(const BlvProblem& pr, int64_t p) {
-  Position pos;
-  pos.n = p / pr.S;
-  pos.s = p - pos.n * pr.S;
-  const int64_t t = load_label(pr.target, pr.target_dtype, pos.n * pr.stride_tn + pos.s * pr.stride_ts);
-  const bool labelled = t != pr.ignore_index;
-  const bool in_range = t >= 0 && t < pr.C;
-  pos.valid = labelled && in_range;
-  pos.bad = labelled && !in_range;
-  pos.label = pos.valid ? t : -1;  // an out-of-range label is never used as an index
-  pos.weight = pos.valid ? (pr.class_weight != nullptr ? pr.class_weight[t] : 1.0f) : 0.0f;
-  pos.pos_weight = pos.weight;
-  if (pr.position_weight != nullptr && pos.valid)
-    pos.pos_weight = pos.weight * pr.position_weight[pos.n * pr.stride_wn + pos.s * pr.stride_ws];
-  pos.q = static_cast<uint64_t>(pr.offset + p);
-  return pos;
+template <>
+__device__ __forceinline__ float2 HalfRun<__half, __half2>::to_float2(uint32_t w) {
+  return __half22float2(bit_cast<__half2>(w));
+}
+template <>
+__device__ __forceinline__ uint32_t HalfRun<__half, __half2>::pack(float a, float b) {
+  return bit_cast<uint32_t>(__floats2half2_rn(a, b));
+}
+template <>
+__device__ __forceinline__ float2 HalfRun<__nv_bfloat16, __nv_bfloat162>::to_float2(uint32_t w) {
+  return __bfloat1622float2(bit_cast<__nv_bfloat162>(w));
+}
+template <>
+__device__ __forceinline__ uint32_t HalfRun<__nv_bfloat16, __nv_bfloat162>::pack(float a, float b) {
+  return bit_cast<uint32_t>(__floats2bfloat162_rn(a, b));
 }
 
-// z_k += v(word k) * w_k for the four classes of one group (w_k = 0 past C keeps z = -inf).
-template <int KIND>
-__device__ __forceinline__ void add_variation(float z[4], const float w[4], uint64_t q, uint32_t g,
-                                              uint64_t seed, const BlvProblem& pr) {
-  if constexpr (KIND != kNoVariation) {
-    uint32_t words[4];
-    philox_words(words, q, g, seed);
+template <>
+struct Run<__half> : HalfRun<__half, __half2> {};
+template <>
+struct Run<__nv_bfloat16> : HalfRun<__nv_bfloat16, __nv_bfloat162> {};
+
+// w[0..W) = bytes [shift, shift + 4W) of w[0..2W); shift is a multiple of the element size.
+template <int W>
+__device__ __forceinline__ void funnel(uint32_t w[], uint32_t shift) {
+  if constexpr (W == 4) {
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      z[k] += variation<KIND>(words[k], pr.scale, pr.threshold, pr.clamp_mode != 0) * w[k];
+    for (int i = 0; i < 6; ++i) w[i] = (shift & 8) ? w[i + 2] : w[i];
   }
-}
-
-// Online softmax: fold four logits into (m, d), d = sum exp(z - m). While every z so far is
-// -inf the shift is 0, so exp(-inf - 0) = 0 rather than NaN; a +inf or NaN logit makes d NaN.
-__device__ __forceinline__ void softmax_add4(float& m, float& d, const float z[4]) {
-  const float m_new = fmaxf(m, fmaxf(fmaxf(z[0], z[1]), fmaxf(z[2], z[3])));
-  const float shift = m_new == -INFINITY ? 0.0f : m_new;
-  d = d * fast_exp(m - shift) +
-      ((fast_exp(z[0] - shift) + fast_exp(z[1] - shift)) + (fast_exp(z[2] - shift) + fast_exp(z[3] - shift)));
-  m = m_new;
-}
-
-__device__ __forceinline__ void softmax_merge(float& m, float& d, float m2, float d2) {
-  const float m_new = fmaxf(m, m2);
-  const float shift = m_new == -INFINITY ? 0.0f : m_new;
-  d = d * fast_exp(m - shift) + d2 * fast_exp(m2 - shift);
-  m = m_new;
-}
-
-// Block sums in a fixed order (warp tree, then warp 0 over the warps): one row per block.
-__device__ __forceinline__ void store_block_sums(float loss, float weight, int bad, float* partial,
-                                                 int32_t* num_bad) {
-  __shared__ float s_loss[kWarps], s_weight[kWarps];
-  __shared__ int s_bad[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    loss += __shfl_down_sync(kFullMask, loss, o);
-    weight += __shfl_down_sync(kFullMask, weight, o);
-    bad += __shfl_down_sync(kFullMask, bad, o);
+  for (int i = 0; i < W + 1; ++i) w[i] = (shift & 4) ? w[i + 1] : w[i];
+  if constexpr (W == 2) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) w[i] = (shift & 2) ? __funnelshift_r(w[i], w[i + 1], 16) : w[i];
   }
-  if (lane == 0) {
-    s_loss[warp] = loss;
-    s_weight[warp] = weight;
-    s_bad[warp] = bad;
+}
+
+// The 4 elements at p (aligned to sizeof(T) only): the aligned vector at p, or the two aligned
+// vectors that hold [p, p + 4) funnel-shifted. Each holds one of the 4 elements: nothing outside
+// their 16-byte (8-byte) blocks is read.
+template <typename T>
+__device__ __forceinline__ void load_run(const T* p, float out[kRun]) {
+  using R = Run<T>;
+  const uint32_t shift = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p)) & (kRun * sizeof(T) - 1);
+  const uint32_t* base = reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(p) - shift);
+  uint32_t w[2 * R::kWords];
+  R::load(base, w);
+  if (shift != 0) {
+    R::load(base + R::kWords, w + R::kWords);
+    funnel<R::kWords>(w, shift);
   }
+  R::unpack(w, out);
+}
+
+// The 4 elements at p: one vector store where aligned, else aligned 2-element and 1-element stores.
+template <typename T>
+__device__ __forceinline__ void store_run(T* p, const float v[kRun]) {
+  using R = Run<T>;
+  const uint32_t a = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p) / sizeof(T)) & (kRun - 1);
+  if (a == 0) {
+    R::store(p, v);
+  } else if (a == 2) {
+    R::store_pair(p, v[0], v[1]);
+    R::store_pair(p + 2, v[2], v[3]);
+  } else {  // p + 1 is 2-element aligned
+    p[0] = from_float<T>(v[0]);
+    R::store_pair(p + 1, v[1], v[2]);
+    p[3] = from_float<T>(v[3]);
+  }
+}
+
+// A run known to be vector-aligned (ALIGNED: one load or store, no alignment test), or any run.
+// ptxas predicates the funnel rather than branch around it, so an aligned run would pay for its
+// selects: the choice is made per tensor on the host instead (LossArgs::x_aligned, dx_aligned).
+template <bool ALIGNED, typename T>
+__device__ __forceinline__ void load_vector(const T* p, float out[kRun]) {
+  if constexpr (ALIGNED) {
+    uint32_t w[Run<T>::kWords];
+    Run<T>::load(reinterpret_cast<const uint32_t*>(p), w);
+    Run<T>::unpack(w, out);
+  } else {
+    load_run(p, out);
+  }
+}
+
+template <bool ALIGNED, typename T>
+__device__ __forceinline__ void store_vector(T* p, const float v[kRun]) {
+  if constexpr (ALIGNED)
+    Run<T>::store(p, v);
+  else
+    store_run(p, v);
+}
+
+// 4 elements along a strided axis, the first `count` present; `pad` for the others.
+template <typename T>
+__device__ __forceinline__ void load_strided(const T* p, int64_t stride, int count, float pad, float out[kRun]) {
+#pragma unroll
+  for (int i = 0; i < kRun; ++i) out[i] = i < count ? to_float(p[i * stride]) : pad;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_strided(T* p, int64_t stride, int count, const float v[kRun]) {
+#pragma unroll
+  for (int i = 0; i < kRun; ++i)
+    if (i < count) p[i * stride] = from_float<T>(v[i]);
+}
+
+// The 4 float32 values of group g of a (C,) vector (w_c, cw_c), 0 past C.
+__device__ __forceinline__ void load_class_values(const float* v, int g, int C, float out[kRun]) {
+  if (4 * g + kRun <= C)
+    load_run(v + 4 * g, out);
+  else
+    load_strided(v + 4 * g, 1, C - 4 * g, 0.0f, out);
+}
+
+// Label i of a target of dtype BlvIntType: a decision tree on the (uniform) dtype, not a switch,
+// which compiles to an indirect jump through a table.
+__device__ __forceinline__ int64_t load_label(const void* t, int dtype, int64_t i) {
+  if (dtype >= BLV_INT32)
+    return dtype == BLV_INT64 ? static_cast<const int64_t*>(t)[i] : static_cast<const int32_t*>(t)[i];
+  if (dtype == BLV_INT16) return static_cast<const int16_t*>(t)[i];
+  return dtype == BLV_INT8 ? static_cast<const int8_t*>(t)[i] : static_cast<const uint8_t*>(t)[i];
+}
+
+// ------------------------------------------------------------------ reductions
+
+// Over the L lanes of a group (aligned within the warp): a butterfly, so every lane combines the
+// same pairs and gets the same bits. Every lane of the warp must call these (L is uniform).
+__device__ __forceinline__ float lanes_max(float v, int lanes) {
+  for (int o = 1; o < lanes; o <<= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float lanes_sum(float v, int lanes) {
+  for (int o = 1; o < lanes; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// The sum over a block of WARPS warps in a fixed order (a shuffle tree in each warp, then warp 0
+// over the warps), in thread 0. Every thread of the block must call it.
+template <int WARPS, typename V>
+__device__ __forceinline__ V block_sum(V v) {
+  static_assert(WARPS <= kWarpSize && (WARPS & (WARPS - 1)) == 0, "a power-of-two warp count");
+  __shared__ V warp_sums[WARPS];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
+  if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    loss = lane < kWarps ? s_loss[lane] : 0.0f;
-    weight = lane < kWarps ? s_weight[lane] : 0.0f;
-    bad = lane < kWarps ? s_bad[lane] : 0;
+    v = lane < WARPS ? warp_sums[lane] : V(0);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      loss += __shfl_down_sync(kFullMask, loss, o);
-      weight += __shfl_down_sync(kFullMask, weight, o);
-      bad += __shfl_down_sync(kFullMask, bad, o);
-    }
-    if (lane == 0) {
-      partial[2 * static_cast<int64_t>(blockIdx.x)] = loss;
-      partial[2 * static_cast<int64_t>(blockIdx.x) + 1] = weight;
-      num_bad[blockIdx.x] = bad;
-    }
+    for (int o = WARPS / 2; o > 0; o >>= 1) v += __shfl_down_sync(kFullMask, v, o);
   }
+  return v;
 }
 
-// ------------------------------------------------------------------ positions layout
+// ------------------------------------------------------------------ label pass
 
-// Positions per thread: VECTOR reads 16 bytes of consecutive pixels per class.
-template <typename T, bool VECTOR>
-__host__ __device__ constexpr int positions_per_thread() { return VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1; }
-
-// Logits of classes 4g..4g+3 at the thread's VEC positions (-inf past C), and their w_c.
-template <typename T, int VEC, int KIND>
-__device__ __forceinline__ void load_group(const T* x, int64_t g, const BlvProblem& pr, float b_x[4][VEC],
-                                           float w[4]) {
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int64_t c = 4 * g + k;
-    w[k] = 0.0f;
-    if (c < pr.C) {
-      load_pack<T, VEC>(x + c * pr.stride_xc, b_x[k]);
-      if constexpr (KIND != kNoVariation) w[k] = pr.variation_weight[c];
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) b_x[k][j] = -INFINITY;
-    }
-  }
-}
-
-template <typename T, bool VECTOR, int KIND>
-__global__ void __launch_bounds__(kThreads)
-    fwd_positions_kernel(const BlvProblem pr, T* loss, float* lse, float* partial, int32_t* num_bad) {
-  constexpr int VEC = positions_per_thread<T, VECTOR>();
-  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
-  float sum_loss = 0.0f, sum_weight = 0.0f;
+__global__ void __launch_bounds__(kThreads) label_kernel(const BlvProblem pr, float* weight_sums, int32_t* bad_counts) {
+  const int64_t positions = pr.N * pr.S;
+  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kLabelsPerThread;
+  float weight = 0.0f;
   int bad = 0;
-  if (p0 < pr.N * pr.S) {  // VECTOR: S % VEC == 0, so all VEC positions exist and share n
-    Position pos[VEC];
-    float m[VEC], d[VEC], zt[VEC];
+  if (p0 < positions) {
+    // one division, in 32 bits where the positions fit; then step s, wrapping to the next image
+    int64_t n = positions <= UINT32_MAX ? static_cast<uint32_t>(p0) / static_cast<uint32_t>(pr.S) : p0 / pr.S;
+    int64_t s = p0 - n * pr.S;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      pos[j] = load_position(pr, p0 + j);
-      m[j] = -INFINITY;
-      d[j] = 0.0f;
-      zt[j] = 0.0f;
-    }
-    const T* x = static_cast<const T*>(pr.logits) + pos[0].n * pr.stride_xn + pos[0].s * pr.stride_xs;
-    const uint64_t seed = KIND != kNoVariation ? static_cast<uint64_t>(*pr.seed) : 0;
-    for (int64_t g = 0; 4 * g < pr.C; ++g) {
-      float b_x[4][VEC], w[4];
-      load_group<T, VEC, KIND>(x, g, pr, b_x, w);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float z[4] = {b_x[0][j], b_x[1][j], b_x[2][j], b_x[3][j]};
-        add_variation<KIND>(z, w, pos[j].q, static_cast<uint32_t>(g), seed, pr);
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          if (pos[j].label == 4 * g + k) zt[j] = z[k];
-        softmax_add4(m[j], d[j], z);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float b_lse = m[j] + logf(d[j]);
-      lse[p0 + j] = b_lse;
-      const float l = pos[j].valid ? (b_lse - zt[j]) * pos[j].pos_weight : 0.0f;
-      if (loss != nullptr) loss[p0 + j] = from_float<T>(l);
-      sum_loss += l;
-      sum_weight += pos[j].weight;
-      bad += pos[j].bad;
-    }
-  }
-  store_block_sums(sum_loss, sum_weight, bad, partial, num_bad);
-}
-
-template <typename T, bool VECTOR, int KIND>
-__global__ void __launch_bounds__(kThreads)
-    bwd_positions_kernel(const BlvProblem pr, const float* grad_loss, int64_t stride_gn, int64_t stride_gs,
-                         const float* denom, const float* lse, T* grad, int64_t stride_dn, int64_t stride_dc,
-                         int64_t stride_ds) {
-  constexpr int VEC = positions_per_thread<T, VECTOR>();
-  const int64_t p0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * VEC;
-  if (p0 >= pr.N * pr.S) return;
-  Position pos[VEC];
-  float b_lse[VEC], coef[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    pos[j] = load_position(pr, p0 + j);
-    b_lse[j] = lse[p0 + j];
-    // coef = dL/dl * weight * position weight (/ denom for "mean"); 0 where not valid
-    float g = grad_loss[pos[j].n * stride_gn + pos[j].s * stride_gs];
-    if (denom != nullptr) g = g / *denom;
-    coef[j] = pos[j].valid ? g * pos[j].pos_weight : 0.0f;
-  }
-  const T* x = static_cast<const T*>(pr.logits) + pos[0].n * pr.stride_xn + pos[0].s * pr.stride_xs;
-  T* dx = grad + pos[0].n * stride_dn + pos[0].s * stride_ds;
-  const uint64_t seed = KIND != kNoVariation ? static_cast<uint64_t>(*pr.seed) : 0;
-  for (int64_t g = 0; 4 * g < pr.C; ++g) {
-    float b_x[4][VEC], w[4];
-    load_group<T, VEC, KIND>(x, g, pr, b_x, w);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      float z[4] = {b_x[0][j], b_x[1][j], b_x[2][j], b_x[3][j]};
-      add_variation<KIND>(z, w, pos[j].q, static_cast<uint32_t>(g), seed, pr);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) b_x[k][j] = z[k];
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t c = 4 * g + k;
-      if (c < pr.C) {
-        float out[VEC];
-#pragma unroll
-        for (int j = 0; j < VEC; ++j)
-          out[j] = (fast_exp(b_x[k][j] - b_lse[j]) - (pos[j].label == c ? 1.0f : 0.0f)) * coef[j];
-        store_pack<T, VEC>(dx + c * stride_dc, out);
+    for (int i = 0; i < kLabelsPerThread; ++i) {
+      if (p0 + i < positions) {
+        const int64_t t = load_label(pr.target, pr.target_dtype, n * pr.stride_tn + s * pr.stride_ts);
+        const bool labelled = t != pr.ignore_index, in_range = t >= 0 && t < pr.C;
+        if (labelled && in_range) weight += pr.class_weight != nullptr ? pr.class_weight[t] : 1.0f;
+        bad += labelled && !in_range;
+        if (++s == pr.S) s = 0, ++n;
       }
     }
   }
-}
-
-// ------------------------------------------------------------------ rows layout
-
-// Classes 4g..4g+3 of one position: one 4-element load when VECTOR (class stride 1, C % 4 == 0).
-template <typename T, bool VECTOR, int KIND>
-__device__ __forceinline__ void load_row_group(const T* x, int64_t g, const BlvProblem& pr, float z[4],
-                                               float w[4]) {
-  if constexpr (VECTOR) {
-    load_pack<T, 4>(x + 4 * g, z);
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int64_t c = 4 * g + k;
-    w[k] = 0.0f;
-    if (c < pr.C) {
-      if constexpr (!VECTOR) z[k] = to_float(x[c * pr.stride_xc]);
-      if constexpr (KIND != kNoVariation) w[k] = pr.variation_weight[c];
-    } else {
-      z[k] = -INFINITY;
-    }
+  weight = block_sum<kThreads / kWarpSize>(weight);
+  bad = block_sum<kThreads / kWarpSize>(bad);
+  if (threadIdx.x == 0) {
+    weight_sums[blockIdx.x] = weight;
+    bad_counts[blockIdx.x] = bad;
   }
 }
 
-template <typename T, bool VECTOR, int KIND>
-__global__ void __launch_bounds__(kThreads)
-    fwd_rows_kernel(const BlvProblem pr, T* loss, float* lse, float* partial, int32_t* num_bad) {
-  const int lane = threadIdx.x & 31;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  float sum_loss = 0.0f, sum_weight = 0.0f;
-  int bad = 0;
-  if (p < pr.N * pr.S) {  // the same for the whole warp: the shuffles below see 32 lanes
-    const Position pos = load_position(pr, p);
-    const T* x = static_cast<const T*>(pr.logits) + pos.n * pr.stride_xn + pos.s * pr.stride_xs;
-    const uint64_t seed = KIND != kNoVariation ? static_cast<uint64_t>(*pr.seed) : 0;
-    float m = -INFINITY, d = 0.0f, zt = 0.0f;
-    for (int64_t g = lane; 4 * g < pr.C; g += 32) {
-      float z[4], w[4];
-      load_row_group<T, VECTOR, KIND>(x, g, pr, z, w);
-      add_variation<KIND>(z, w, pos.q, static_cast<uint32_t>(g), seed, pr);
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (pos.label == 4 * g + k) zt = z[k];
-      softmax_add4(m, d, z);
-    }
-    // merge the lanes' (m, d); z_t is held by at most one lane, the others hold 0
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(kFullMask, m, o);
-      const float d2 = __shfl_xor_sync(kFullMask, d, o);
-      softmax_merge(m, d, m2, d2);
-      zt += __shfl_xor_sync(kFullMask, zt, o);
-    }
-    if (lane == 0) {
-      const float b_lse = m + logf(d);
-      lse[p] = b_lse;
-      const float l = pos.valid ? (b_lse - zt) * pos.pos_weight : 0.0f;
-      if (loss != nullptr) loss[p] = from_float<T>(l);
-      sum_loss = l;
-      sum_weight = pos.weight;
-      bad = pos.bad;
-    }
-  }
-  store_block_sums(sum_loss, sum_weight, bad, partial, num_bad);
-}
+// ------------------------------------------------------------------ loss pass
 
-template <typename T, bool VECTOR, int KIND>
-__global__ void __launch_bounds__(kThreads)
-    bwd_rows_kernel(const BlvProblem pr, const float* grad_loss, int64_t stride_gn, int64_t stride_gs,
-                    const float* denom, const float* lse, T* grad, int64_t stride_dn, int64_t stride_dc,
-                    int64_t stride_ds) {
-  const int lane = threadIdx.x & 31;
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (p >= pr.N * pr.S) return;
-  const Position pos = load_position(pr, p);
-  const float b_lse = lse[p];
-  float g_out = grad_loss[pos.n * stride_gn + pos.s * stride_gs];
-  if (denom != nullptr) g_out = g_out / *denom;
-  const float coef = pos.valid ? g_out * pos.pos_weight : 0.0f;
-  const T* x = static_cast<const T*>(pr.logits) + pos.n * pr.stride_xn + pos.s * pr.stride_xs;
-  T* dx = grad + pos.n * stride_dn + pos.s * stride_ds;
-  const uint64_t seed = KIND != kNoVariation ? static_cast<uint64_t>(*pr.seed) : 0;
-  for (int64_t g = lane; 4 * g < pr.C; g += 32) {
-    float z[4], w[4], out[4];
-    load_row_group<T, VECTOR, KIND>(x, g, pr, z, w);
-    add_variation<KIND>(z, w, pos.q, static_cast<uint32_t>(g), seed, pr);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) out[k] = (fast_exp(z[k] - b_lse) - (pos.label == 4 * g + k ? 1.0f : 0.0f)) * coef;
-    if constexpr (VECTOR) {
-      store_pack<T, 4>(dx + 4 * g, out);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (4 * g + k < pr.C) dx[(4 * g + k) * stride_dc] = from_float<T>(out[k]);
-    }
-  }
-}
-
-// ------------------------------------------------------------------ launch plans
-
-struct Plan {
-  bool rows;     // warp per position, else thread per position(s)
-  bool vector;   // the aligned wide-access variant
-  int64_t blocks;
+struct LossArgs {
+  const float* denom;  // "mean": the divisor; else NULL
+  void* loss_per_position;
+  float* loss_sums;
+  void* grad;
+  int64_t stride_gn, stride_gc, stride_gs;
+  int64_t items, per_image;  // items (chunks of 4 positions, or positions), per image
+  int lanes;                 // L
+  int groups;                // G = ceil(C / 4)
+  bool x_aligned, dx_aligned;  // every 4-element run of the logits (gradient) starts at a vector boundary
 };
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+// One item's positions (P = 4 in the pixel layout, 1 in the class layout).
+template <int P>
+struct Item {
+  int64_t n, s0;         // image, first position
+  int64_t x_at, grad_at;  // the element offsets of x[n, 0, s0] and grad[n, 0, s0]
+  int count;              // positions present (a tail item has fewer), 0 past the last item
+  uint64_t q0;            // Philox counter of the first: offset + n*S + s0
+  int label[P];   // the label where valid, else -1: matches no class
+};
 
-// dx == nullptr: the forward (only the logits' layout matters); else the gradient's strides too.
-template <typename T>
-Plan plan(const BlvProblem& pr, const void* dx, int64_t stride_dn, int64_t stride_dc, int64_t stride_ds) {
-  const int64_t positions = pr.N * pr.S;
-  Plan out;
-  out.rows = pr.stride_xc == 1 && (pr.S == 1 || pr.stride_xs != 1) && pr.C >= kRowsMinClasses;
-  if (out.rows) {  // 4 classes of one group per access: base, batch and pixel strides multiples of 4
-    const int64_t bytes = 4 * sizeof(T);
-    out.vector = pr.C % 4 == 0 && aligned(pr.logits, bytes) && pr.stride_xn % 4 == 0 &&
-                 (pr.S == 1 || pr.stride_xs % 4 == 0);
-    if (dx != nullptr)
-      out.vector = out.vector && stride_dc == 1 && aligned(dx, bytes) && stride_dn % 4 == 0 &&
-                   (pr.S == 1 || stride_ds % 4 == 0);
-    out.blocks = (positions + kWarps - 1) / kWarps;
-    return out;
+template <int P>
+__device__ __forceinline__ Item<P> make_item(const LossArgs& a, const BlvProblem& pr, int64_t k) {
+  Item<P> it;
+  it.count = 0;
+  it.n = it.s0 = 0;
+  if (k < a.items) {
+    // one division per thread, in 32 bits where the indices fit
+    it.n = a.items <= UINT32_MAX ? static_cast<uint32_t>(k) / static_cast<uint32_t>(a.per_image) : k / a.per_image;
+    it.s0 = (k - it.n * a.per_image) * P;
+    it.count = static_cast<int>(min(static_cast<int64_t>(P), pr.S - it.s0));
   }
-  // VEC pixels per access: contiguous pixels, S, batch and class strides multiples of VEC
-  const int64_t vec = positions_per_thread<T, true>();
-  out.vector = pr.stride_xs == 1 && pr.S % vec == 0 && pr.stride_xc % vec == 0 && pr.stride_xn % vec == 0 &&
-               aligned(pr.logits, 16);
-  if (dx != nullptr)
-    out.vector = out.vector && stride_ds == 1 && stride_dc % vec == 0 && stride_dn % vec == 0 && aligned(dx, 16);
-  const int64_t per_block = kThreads * (out.vector ? vec : 1);
-  out.blocks = (positions + per_block - 1) / per_block;
-  return out;
+  it.q0 = static_cast<uint64_t>(pr.offset + it.n * pr.S + it.s0);
+  it.x_at = it.n * pr.stride_xn + it.s0 * pr.stride_xs;
+  it.grad_at = it.n * a.stride_gn + it.s0 * a.stride_gs;
+  return it;
 }
 
-int variation_kind(const BlvProblem& pr) {
-  if (!(pr.scale > 0.0f)) return kNoVariation;
-  return pr.use_poly ? kPolyErfinv : kGilesErfinv;
+// The item's labels, read once its logits are in registers (registers are short before). An
+// out-of-range label is never used as an index: -1 like ignore_index.
+template <int P>
+__device__ __forceinline__ void load_labels(const BlvProblem& pr, Item<P>& it) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    it.label[p] = -1;
+    if (p < it.count) {
+      const int64_t t = load_label(pr.target, pr.target_dtype, it.n * pr.stride_tn + (it.s0 + p) * pr.stride_ts);
+      if (t != pr.ignore_index && t >= 0 && t < pr.C) it.label[p] = static_cast<int>(t);
+    }
+  }
 }
 
-// Calls f(bool_constant<VECTOR>, integral_constant<KIND>) for the runtime values.
-template <typename F>
-void dispatch(bool vector, int kind, F&& f) {
-  using P = std::integral_constant<int, kPolyErfinv>;
-  using G = std::integral_constant<int, kGilesErfinv>;
-  using N = std::integral_constant<int, kNoVariation>;
-  if (vector) {
-    if (kind == kPolyErfinv) f(std::true_type{}, P{});
-    else if (kind == kGilesErfinv) f(std::true_type{}, G{});
-    else f(std::true_type{}, N{});
+// The logits of group g: z[k][p] = x[c = 4g + k, s0 + p]; -inf for a class past C (it adds 0 to
+// d), 0 for a position past the item's count (never stored). Runs are single vector accesses
+// where the 4 positions of a class are contiguous and present (pixel), or the classes contiguous.
+template <bool ALIGNED, typename T, bool PIXEL, int P>
+__device__ __forceinline__ void load_group(const BlvProblem& pr, const Item<P>& it, int g, float z[kRun][P]) {
+  // class 4g; the next classes a stride on (no multiply each)
+  const T* row = static_cast<const T*>(pr.logits) + it.x_at + 4 * g * pr.stride_xc;
+  if constexpr (PIXEL) {
+    const bool runs = pr.stride_xs == 1 && it.count == kRun;
+    const int C = static_cast<int>(pr.C);
+#pragma unroll
+    for (int k = 0; k < kRun; ++k, row += pr.stride_xc) {
+      if (4 * g + k < C) {
+        if (runs)
+          load_vector<ALIGNED>(row, z[k]);
+        else
+          load_strided(row, pr.stride_xs, it.count, 0.0f, z[k]);
+      } else {
+#pragma unroll
+        for (int p = 0; p < P; ++p) z[k][p] = -INFINITY;
+      }
+    }
   } else {
-    if (kind == kPolyErfinv) f(std::false_type{}, P{});
-    else if (kind == kGilesErfinv) f(std::false_type{}, G{});
-    else f(std::false_type{}, N{});
+    float v[kRun];
+    if (pr.stride_xc == 1 && 4 * g + kRun <= pr.C)
+      load_vector<ALIGNED>(row, v);
+    else
+      load_strided(row, pr.stride_xc, static_cast<int>(pr.C) - 4 * g, -INFINITY, v);
+#pragma unroll
+    for (int k = 0; k < kRun; ++k) z[k][0] = v[k];
   }
 }
 
-template <typename T>
-cudaError_t fwd(const BlvProblem& pr, void* loss, float* lse, float* partial, int32_t* num_bad,
-                cudaStream_t stream) {
-  const Plan pl = plan<T>(pr, nullptr, 0, 0, 0);
-  if (pl.blocks == 0) return cudaSuccess;
-  if (pl.blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  T* loss_t = static_cast<T*>(loss);
-  dispatch(pl.vector, variation_kind(pr), [&](auto vector, auto kind) {
-    constexpr bool V = decltype(vector)::value;
-    constexpr int K = decltype(kind)::value;
-    if (pl.rows)
-      fwd_rows_kernel<T, V, K><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(pr, loss_t, lse, partial,
-                                                                                          num_bad);
+template <bool ALIGNED, typename T, bool PIXEL, int P>
+__device__ __forceinline__ void store_group(const BlvProblem& pr, const LossArgs& a, const Item<P>& it, int g,
+                                            const float v[kRun][P]) {
+  T* row = static_cast<T*>(a.grad) + it.grad_at + 4 * g * a.stride_gc;
+  if constexpr (PIXEL) {
+    const bool runs = a.stride_gs == 1 && it.count == kRun;
+    const int C = static_cast<int>(pr.C);
+#pragma unroll
+    for (int k = 0; k < kRun; ++k, row += a.stride_gc) {
+      if (4 * g + k < C) {
+        if (runs)
+          store_vector<ALIGNED>(row, v[k]);
+        else
+          store_strided(row, a.stride_gs, it.count, v[k]);
+      }
+    }
+  } else {
+    const float w[kRun] = {v[0][0], v[1][0], v[2][0], v[3][0]};
+    if (a.stride_gc == 1 && 4 * g + kRun <= pr.C)
+      store_vector<ALIGNED>(row, w);
     else
-      fwd_positions_kernel<T, V, K><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(pr, loss_t, lse,
-                                                                                               partial, num_bad);
-  });
-  return cudaGetLastError();
+      store_strided(row, a.stride_gc, static_cast<int>(pr.C) - 4 * g, w);
+  }
+}
+
+struct Noise {
+  uint64_t seed;
+  float scale, threshold;
+  Mode mode;
+  int kind;  // kPolyErfinv, kGilesErfinv or kNoVariation: read from variation_params, the same in every thread
+};
+
+// z[k][p] += v * w[k], v from word k of Philox(q0 + p, g).
+template <int KIND, int P>
+__device__ __forceinline__ void add_variation(const Noise& nz, uint64_t q0, int g, const float w[kRun],
+                                              float z[kRun][P]) {
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    uint32_t words[4];
+    philox_words(words, q0 + p, static_cast<uint32_t>(g), nz.seed);
+#pragma unroll
+    for (int k = 0; k < kRun; ++k)
+      z[k][p] = fmaf(variation<KIND>(words[k], nz.scale, nz.threshold, nz.mode), w[k], z[k][p]);
+  }
+}
+
+// The logits of group g with their variation. The alignment and the erfinv variant are uniform
+// branches here, per group: the exp and gradient code around them exist once.
+template <typename T, bool PIXEL, int P>
+__device__ __forceinline__ void perturbed_group(const BlvProblem& pr, const LossArgs& a, const Noise& nz,
+                                                const Item<P>& it, int g, float z[kRun][P]) {
+  if (a.x_aligned)
+    load_group<true, T, PIXEL, P>(pr, it, g, z);
+  else
+    load_group<false, T, PIXEL, P>(pr, it, g, z);
+  if (nz.kind != kNoVariation) {
+    float w[kRun];
+    load_class_values(pr.variation_weight, g, static_cast<int>(pr.C), w);
+    if (nz.kind == kPolyErfinv)
+      add_variation<kPolyErfinv, P>(nz, it.q0, g, w, z);
+    else
+      add_variation<kGilesErfinv, P>(nz, it.q0, g, w, z);
+  }
+}
+
+// cw_c of group g (1 without class weights), 0 past C.
+__device__ __forceinline__ void class_weights(const BlvProblem& pr, int g, float cw[kRun]) {
+  if (pr.class_weight != nullptr) {
+    load_class_values(pr.class_weight, g, static_cast<int>(pr.C), cw);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kRun; ++k) cw[k] = 4 * g + k < pr.C ? 1.0f : 0.0f;
+  }
+}
+
+// Per position, once the row is reduced (m, d = sum_c exp(z_c - m), z_t, and for label smoothing
+// A = sum_c cw_c (m - z_c), W = sum_c cw_c): the loss, stored per position for "none", and the
+// gradient's coefficients  dloss/dx_c = alpha e_c - beta [c == t] - gamma cw_c  (e_c = exp(z_c - m);
+// all 0 where not valid). Returns the item's loss sum in its lane 0, 0 in the other lanes.
+template <int P>
+struct Coefficients {
+  float alpha[P], beta[P], gamma[P];
+};
+
+template <typename T, bool PIXEL, int P>
+__device__ __forceinline__ float finish(const BlvProblem& pr, const LossArgs& a, const Item<P>& it, bool leader,
+                                        const float m[P], const float d[P], const float zt[P], const float A[P],
+                                        float W, Coefficients<P>& co) {
+  const float eps = pr.label_smoothing, keep = 1.0f - eps, C = static_cast<float>(pr.C);
+  const bool smooth = eps > 0.0f;
+  const float denom = a.denom != nullptr ? *a.denom : 1.0f;
+  float loss[P], sum = 0.0f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int t = it.label[p];
+    const bool valid = t >= 0;
+    const float cw_t = !valid ? 0.0f : pr.class_weight != nullptr ? pr.class_weight[t] : 1.0f;
+    const float pw = pr.position_weight != nullptr && p < it.count
+                         ? pr.position_weight[it.n * pr.stride_wn + (it.s0 + p) * pr.stride_ws]
+                         : 1.0f;
+    const float log_d = logf(d[p]);
+    float l = 0.0f;
+    if (valid) {
+      l = keep * cw_t * ((m[p] - zt[p]) + log_d);  // m apart from log d: a shift of all logits cancels
+      if (smooth) l += eps / C * (A[p] + W * log_d);
+    }
+    loss[p] = l * pw;  // a NaN position weight gives NaN even where not valid
+    if (p < it.count) sum += loss[p];
+    const float scale = valid ? pw / denom : 0.0f;
+    co.alpha[p] = scale * (keep * cw_t + (smooth ? eps * W / C : 0.0f)) / d[p];
+    co.beta[p] = scale * keep * cw_t;
+    co.gamma[p] = scale * eps / C;
+  }
+  if (!leader) return 0.0f;
+  if (a.loss_per_position != nullptr) {
+    T* out = static_cast<T*>(a.loss_per_position) + it.n * pr.S + it.s0;
+    if (PIXEL && it.count == kRun)
+      store_run(out, loss);
+    else
+      store_strided(out, 1, it.count, loss);
+  }
+  return sum;
+}
+
+// dloss/dx of group g from e_c (in z), stored.
+template <typename T, bool PIXEL, int P>
+__device__ __forceinline__ void store_gradient(const BlvProblem& pr, const LossArgs& a, const Item<P>& it, int g,
+                                               const Coefficients<P>& co,
+                                               const float e[kRun][P]) {
+  const bool smooth = pr.label_smoothing > 0.0f;
+  float cw[kRun];
+  if (smooth) class_weights(pr, g, cw);
+  float v[kRun][P];
+#pragma unroll
+  for (int k = 0; k < kRun; ++k) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      v[k][p] = fmaf(co.alpha[p], e[k][p], 4 * g + k == it.label[p] ? -co.beta[p] : 0.0f);
+      if (smooth) v[k][p] = fmaf(-co.gamma[p], cw[k], v[k][p]);
+    }
+  }
+  if (a.dx_aligned)  // uniform
+    store_group<true, T, PIXEL, P>(pr, a, it, g, v);
+  else
+    store_group<false, T, PIXEL, P>(pr, a, it, g, v);
+}
+
+// The row in registers: z, then m, then e = exp(z - m) in place of z, once per element.
+template <typename T, bool PIXEL>
+__device__ __forceinline__ float resident_row(const BlvProblem& pr, const LossArgs& a, const Noise& nz, int64_t k,
+                                              int lane) {
+  constexpr int P = PIXEL ? kRun : 1;
+  constexpr int J = PIXEL ? kPixelGroups : kClassGroups;
+  Item<P> it = make_item<P>(a, pr, k);
+  const int L = a.lanes, groups = it.count > 0 ? a.groups : 0;
+  float z[J][kRun][P], m[P];
+#pragma unroll
+  for (int p = 0; p < P; ++p) m[p] = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int g = lane + j * L;
+    if (g < groups) {
+      perturbed_group<T, PIXEL, P>(pr, a, nz, it, g, z[j]);
+#pragma unroll
+      for (int c = 0; c < kRun; ++c)
+#pragma unroll
+        for (int p = 0; p < P; ++p) m[p] = fmaxf(m[p], z[j][c][p]);
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) m[p] = lanes_max(m[p], L);
+
+  const bool smooth = pr.label_smoothing > 0.0f;
+  float A[P] = {}, W = 0.0f;
+  if (smooth) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int g = lane + j * L;
+      if (g < groups) {
+        float cw[kRun];
+        class_weights(pr, g, cw);
+#pragma unroll
+        for (int c = 0; c < kRun; ++c) {
+          if (4 * g + c < pr.C) {  // not z = -inf past C: 0 * inf
+            W += cw[c];
+#pragma unroll
+            for (int p = 0; p < P; ++p) A[p] = fmaf(cw[c], m[p] - z[j][c][p], A[p]);
+          }
+        }
+      }
+    }
+    W = lanes_sum(W, L);
+#pragma unroll
+    for (int p = 0; p < P; ++p) A[p] = lanes_sum(A[p], L);
+  }
+
+  load_labels(pr, it);
+  float d[P] = {}, zt[P] = {};
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int g = lane + j * L;
+    if (g < groups) {
+#pragma unroll
+      for (int c = 0; c < kRun; ++c) {
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          if (4 * g + c == it.label[p]) zt[p] = z[j][c][p];
+          z[j][c][p] = exp_nonpositive(z[j][c][p] - m[p]);
+          d[p] += z[j][c][p];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    d[p] = lanes_sum(d[p], L);
+    zt[p] = lanes_sum(zt[p], L);  // one lane holds z_t, the others 0
+  }
+
+  Coefficients<P> co;
+  const float loss = finish<T, PIXEL, P>(pr, a, it, lane == 0, m, d, zt, A, W, co);
+  if (a.grad != nullptr) {
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int g = lane + j * L;
+      if (g < groups) store_gradient<T, PIXEL, P>(pr, a, it, g, co, z[j]);
+    }
+  }
+  return loss;
+}
+
+// A row longer than the lanes' registers: an online (m, d) sweep, lanes merged, then with the
+// gradient a second sweep that re-reads the logits and regenerates the noise.
+template <typename T, bool PIXEL>
+__device__ __forceinline__ float streamed_row(const BlvProblem& pr, const LossArgs& a, const Noise& nz, int64_t k,
+                                              int lane) {
+  constexpr int P = PIXEL ? kRun : 1;
+  Item<P> it = make_item<P>(a, pr, k);
+  load_labels(pr, it);
+  const int L = a.lanes, groups = it.count > 0 ? a.groups : 0;
+  const bool smooth = pr.label_smoothing > 0.0f;
+  float m[P], d[P] = {}, zt[P] = {}, A[P] = {}, W = 0.0f;
+#pragma unroll
+  for (int p = 0; p < P; ++p) m[p] = -INFINITY;
+#pragma unroll 1
+  for (int g = lane; g < groups; g += L) {
+    float z[kRun][P], cw[kRun];
+    perturbed_group<T, PIXEL, P>(pr, a, nz, it, g, z);
+    if (smooth) class_weights(pr, g, cw);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const float m_new = fmaxf(m[p], fmaxf(fmaxf(z[0][p], z[1][p]), fmaxf(z[2][p], z[3][p])));
+      const float shift = m_new == -INFINITY ? 0.0f : m_new;  // every z so far -inf: exp(-inf) = 0, not NaN
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kRun; ++c) {
+        if (4 * g + c == it.label[p]) zt[p] = z[c][p];
+        sum += exp_nonpositive(z[c][p] - shift);
+      }
+      d[p] = fmaf(d[p], exp_nonpositive(m[p] - shift), sum);
+      if (smooth) {  // A = sum cw (m - z) follows m: A += W (m_new - m)
+        float add = W > 0.0f ? W * (m_new - m[p]) : 0.0f;
+#pragma unroll
+        for (int c = 0; c < kRun; ++c)
+          if (4 * g + c < pr.C) add = fmaf(cw[c], m_new - z[c][p], add);
+        A[p] += add;
+      }
+      m[p] = m_new;
+    }
+    if (smooth) W += (cw[0] + cw[1]) + (cw[2] + cw[3]);
+  }
+  // Merge the lanes: a butterfly of symmetric expressions (products rounded apart, __fmul_rn, so
+  // that no lane fuses one of them into its add), so every lane gets the same bits.
+  for (int o = 1; o < L; o <<= 1) {
+    const float W2 = smooth ? __shfl_xor_sync(kFullMask, W, o) : 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const float m2 = __shfl_xor_sync(kFullMask, m[p], o), d2 = __shfl_xor_sync(kFullMask, d[p], o);
+      const float m_new = fmaxf(m[p], m2), shift = m_new == -INFINITY ? 0.0f : m_new;
+      d[p] = __fmul_rn(d[p], exp_nonpositive(m[p] - shift)) + __fmul_rn(d2, exp_nonpositive(m2 - shift));
+      zt[p] += __shfl_xor_sync(kFullMask, zt[p], o);
+      if (smooth) {
+        const float A2 = __shfl_xor_sync(kFullMask, A[p], o);
+        A[p] = (W > 0.0f ? fmaf(W, m_new - m[p], A[p]) : A[p]) + (W2 > 0.0f ? fmaf(W2, m_new - m2, A2) : A2);
+      }
+      m[p] = m_new;
+    }
+    W += W2;
+  }
+
+  Coefficients<P> co;
+  const float loss = finish<T, PIXEL, P>(pr, a, it, lane == 0, m, d, zt, A, W, co);
+  if (a.grad != nullptr) {
+#pragma unroll 1
+    for (int g = lane; g < groups; g += L) {
+      float z[kRun][P];
+      perturbed_group<T, PIXEL, P>(pr, a, nz, it, g, z);
+#pragma unroll
+      for (int c = 0; c < kRun; ++c)
+#pragma unroll
+        for (int p = 0; p < P; ++p) z[c][p] = exp_nonpositive(z[c][p] - m[p]);
+      store_gradient<T, PIXEL, P>(pr, a, it, g, co, z);
+    }
+  }
+  return loss;
+}
+
+// Blocks of kLossThreads per SM that __launch_bounds__ asks for: the resident pixel row (80 floats)
+// needs about 150 registers a thread (3 blocks: up to 170); the others fit 128 (4 blocks).
+template <bool PIXEL, bool STREAM>
+constexpr int kMinBlocks = PIXEL && !STREAM ? 3 : 4;
+
+template <typename T, bool PIXEL, bool STREAM>
+__global__ void __launch_bounds__(kLossThreads, kMinBlocks<PIXEL, STREAM>)
+    loss_kernel(const BlvProblem pr, const LossArgs a) {
+  const int lane = threadIdx.x & (a.lanes - 1);
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * (kLossThreads / a.lanes) + threadIdx.x / a.lanes;
+  Noise nz;
+  nz.scale = pr.variation_params[0];
+  nz.threshold = pr.variation_params[1];
+  nz.mode = mode_of(pr.clamp_mode != 0);
+  nz.seed = static_cast<uint64_t>(*pr.seed);
+  nz.kind = nz.scale == 0.0f && nz.threshold >= 1.0f ? kNoVariation  // v = 0 for every word
+            : nz.threshold <= kErfinvPolyMax          ? kPolyErfinv
+                                                      : kGilesErfinv;
+  float loss;
+  if constexpr (STREAM)
+    loss = streamed_row<T, PIXEL>(pr, a, nz, k, lane);
+  else
+    loss = resident_row<T, PIXEL>(pr, a, nz, k, lane);
+  loss = block_sum<kLossThreads / kWarpSize>(loss);
+  if (threadIdx.x == 0) a.loss_sums[blockIdx.x] = loss;
+}
+
+// ------------------------------------------------------------------ gradient scaling
+
+// 16 bytes of T scaled by s in fp32.
+template <typename T>
+__device__ __forceinline__ uint4 scaled(uint4 v, float s) {
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(__uint_as_float(w[i]) * s);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = Run<T>::to_float2(w[i]);
+      w[i] = Run<T>::pack(f.x * s, f.y * s);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 template <typename T>
-cudaError_t bwd(const BlvProblem& pr, const float* grad_loss, int64_t stride_gn, int64_t stride_gs,
-                const float* denom, const float* lse, void* grad, int64_t stride_dn, int64_t stride_dc,
-                int64_t stride_ds, cudaStream_t stream) {
-  const Plan pl = plan<T>(pr, grad, stride_dn, stride_dc, stride_ds);
-  if (pl.blocks == 0) return cudaSuccess;
-  if (pl.blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  T* dx = static_cast<T*>(grad);
-  dispatch(pl.vector, variation_kind(pr), [&](auto vector, auto kind) {
-    constexpr bool V = decltype(vector)::value;
-    constexpr int K = decltype(kind)::value;
-    if (pl.rows)
-      bwd_rows_kernel<T, V, K><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
-          pr, grad_loss, stride_gn, stride_gs, denom, lse, dx, stride_dn, stride_dc, stride_ds);
-    else
-      bwd_positions_kernel<T, V, K><<<static_cast<unsigned>(pl.blocks), kThreads, 0, stream>>>(
-          pr, grad_loss, stride_gn, stride_gs, denom, lse, dx, stride_dn, stride_dc, stride_ds);
-  });
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads) scale_kernel(T* grad, int64_t numel, const float* grad_output) {
+  const float s = *grad_output;
+  if (s == 1.0f) return;  // every thread reads it and leaves: grad untouched, no host sync
+  constexpr int64_t kPer = 16 / sizeof(T);
+  // a scalar head up to the first 16-byte boundary, 16-byte vectors, a scalar tail
+  const int64_t head = min(numel, static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(grad) % 16) % 16 / sizeof(T)));
+  const int64_t vectors = (numel - head) / kPer, tail = head + vectors * kPer;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  uint4* body = reinterpret_cast<uint4*>(grad + head);
+  for (int64_t i = first; i < vectors; i += stride) __stcs(body + i, scaled<T>(__ldcs(body + i), s));
+  if (first < head) grad[first] = from_float<T>(to_float(grad[first]) * s);
+  if (first < numel - tail) grad[tail + first] = from_float<T>(to_float(grad[tail + first]) * s);
+}
+
+// ------------------------------------------------------------------ host side
+
+int status() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? kOk : kCudaError + static_cast<int>(e);
+}
+
+bool known_float(int32_t dtype) { return dtype == BLV_FLOAT32 || dtype == BLV_FLOAT16 || dtype == BLV_BFLOAT16; }
+
+int check(const BlvProblem& pr) {
+  if (!known_float(pr.logits_dtype) || pr.target_dtype < BLV_UINT8 || pr.target_dtype > BLV_INT64) return kBadDtype;
+  const bool sizes = pr.N >= 0 && pr.S >= 0 && pr.C >= 1 && pr.C <= INT32_MAX - kRun;
+  return sizes ? kOk : kBadProblem;
+}
+
+// Every 4-element run of a tensor starts at a vector boundary: its base does, and so do the two
+// strides between runs' starts (each over a dimension of size n).
+bool runs_aligned(const void* base, int64_t element, int64_t stride1, int64_t n1, int64_t stride2, int64_t n2) {
+  const bool strides = (n1 <= 1 || stride1 % kRun == 0) && (n2 <= 1 || stride2 % kRun == 0);
+  return strides && reinterpret_cast<uintptr_t>(base) % (kRun * element) == 0;
+}
+
+struct Plan {
+  bool pixel, stream;
+  int lanes, groups;
+  int64_t items, per_image, blocks;
+};
+
+Plan make_plan(const BlvProblem& pr) {
+  Plan pl;
+  // pixels contiguous (NCHW), or no contiguous axis: pixel layout; classes contiguous: class layout
+  pl.pixel = pr.S > 1 ? pr.stride_xs == 1 || pr.stride_xc != 1 : pr.stride_xc != 1 && pr.C > 1;
+  pl.groups = static_cast<int>((pr.C + kRun - 1) / kRun);
+  const int per_lane = pl.pixel ? kPixelGroups : kClassGroups;
+  pl.lanes = 1;
+  while (pl.lanes < kWarpSize && pl.lanes * per_lane < pl.groups) pl.lanes *= 2;
+  pl.stream = pl.lanes * per_lane < pl.groups;
+  pl.per_image = pl.pixel ? (pr.S + kRun - 1) / kRun : pr.S;
+  pl.items = pr.N * pl.per_image;
+  const int64_t per_block = kLossThreads / pl.lanes;
+  pl.blocks = (pl.items + per_block - 1) / per_block;
+  return pl;
+}
+
+template <typename T>
+int launch_loss(const BlvProblem& pr, const Plan& pl, const LossArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(pl.blocks));
+  if (pl.pixel && !pl.stream) BLV_LAUNCH(grid, kLossThreads, stream, loss_kernel<T, true, false>)(pr, a);
+  if (pl.pixel && pl.stream) BLV_LAUNCH(grid, kLossThreads, stream, loss_kernel<T, true, true>)(pr, a);
+  if (!pl.pixel && !pl.stream) BLV_LAUNCH(grid, kLossThreads, stream, loss_kernel<T, false, false>)(pr, a);
+  if (!pl.pixel && pl.stream) BLV_LAUNCH(grid, kLossThreads, stream, loss_kernel<T, false, true>)(pr, a);
+  return status();
+}
+
+int64_t label_blocks(const BlvProblem& pr) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kLabelsPerThread;
+  return (pr.N * pr.S + per_block - 1) / per_block;
+}
+
+template <typename T>
+int launch_scale(void* grad, int64_t numel, const float* grad_output, cudaStream_t stream) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * (16 / sizeof(T));
+  const int64_t blocks = (numel + per_block - 1) / per_block;
+  const dim3 grid(static_cast<unsigned>(blocks < kScaleBlocks ? blocks : kScaleBlocks));
+  BLV_LAUNCH(grid, kThreads, stream, scale_kernel<T>)(static_cast<T*>(grad), numel, grad_output);
+  return status();
 }
 
 }  // namespace
 }  // namespace blv
 
-extern "C" int64_t blv_ce_fwd_num_partials(const BlvProblem* problem) {
-  switch (problem->logits_dtype) {
-    case BLV_FLOAT16: return blv::plan<__half>(*problem, nullptr, 0, 0, 0).blocks;
-    case BLV_BFLOAT16: return blv::plan<__nv_bfloat16>(*problem, nullptr, 0, 0, 0).blocks;
-    default: return blv::plan<float>(*problem, nullptr, 0, 0, 0).blocks;
+extern "C" int64_t blv_label_blocks(const BlvProblem* problem) { return blv::label_blocks(*problem); }
+
+extern "C" int blv_label_pass(const BlvProblem* problem, float* weight_sums, int32_t* bad_counts, void* stream,
+                              int /*num_threads*/) {
+  const int checked = blv::check(*problem);
+  if (checked != blv::kOk) return checked;
+  const int64_t blocks = blv::label_blocks(*problem);
+  if (blocks == 0) return blv::kOk;
+  if (blocks > INT32_MAX) return blv::kGridTooLarge;
+  BLV_LAUNCH(dim3(static_cast<unsigned>(blocks)), blv::kThreads, static_cast<cudaStream_t>(stream),
+             blv::label_kernel)(*problem, weight_sums, bad_counts);
+  return blv::status();
+}
+
+extern "C" int64_t blv_loss_blocks(const BlvProblem* problem) {
+  return blv::check(*problem) == blv::kOk ? blv::make_plan(*problem).blocks : 0;
+}
+
+extern "C" int blv_loss_pass(const BlvProblem* problem, const float* denom, void* loss_per_position,
+                             float* loss_sums, void* grad, int64_t stride_gn, int64_t stride_gc, int64_t stride_gs,
+                             void* stream, int /*num_threads*/) {
+  const BlvProblem& pr = *problem;
+  const int checked = blv::check(pr);
+  if (checked != blv::kOk) return checked;
+  const blv::Plan pl = blv::make_plan(pr);
+  if (pl.blocks == 0) return blv::kOk;
+  if (pl.blocks > INT32_MAX) return blv::kGridTooLarge;
+  // runs: along s at classes and images (pixel), along c at positions and images (class)
+  const int64_t element = pr.logits_dtype == BLV_FLOAT32 ? 4 : 2;
+  const int64_t sx = pl.pixel ? pr.stride_xc : pr.stride_xs, sg = pl.pixel ? stride_gc : stride_gs;
+  const int64_t n2 = pl.pixel ? pr.C : pr.S;
+  const blv::LossArgs a = {denom, loss_per_position, loss_sums, grad, stride_gn, stride_gc, stride_gs,
+                           pl.items, pl.per_image, pl.lanes, pl.groups,
+                           blv::runs_aligned(pr.logits, element, pr.stride_xn, pr.N, sx, n2),
+                           blv::runs_aligned(grad, element, stride_gn, pr.N, sg, n2)};
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (pr.logits_dtype) {
+    case BLV_FLOAT32: return blv::launch_loss<float>(pr, pl, a, s);
+    case BLV_FLOAT16: return blv::launch_loss<__half>(pr, pl, a, s);
+    default: return blv::launch_loss<__nv_bfloat16>(pr, pl, a, s);
   }
 }
 
-extern "C" cudaError_t blv_ce_fwd_cuda(const BlvProblem* problem, void* loss, float* lse, float* partial,
-                                       int32_t* num_bad, cudaStream_t stream) {
-  switch (problem->logits_dtype) {
-    case BLV_FLOAT32: return blv::fwd<float>(*problem, loss, lse, partial, num_bad, stream);
-    case BLV_FLOAT16: return blv::fwd<__half>(*problem, loss, lse, partial, num_bad, stream);
-    case BLV_BFLOAT16: return blv::fwd<__nv_bfloat16>(*problem, loss, lse, partial, num_bad, stream);
-    default: return cudaErrorInvalidValue;
+extern "C" int blv_scale_grad(void* grad, int32_t dtype, int64_t numel, const float* grad_output, void* stream,
+                              int /*num_threads*/) {
+  if (!blv::known_float(dtype)) return blv::kBadDtype;
+  if (numel <= 0) return blv::kOk;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case BLV_FLOAT32: return blv::launch_scale<float>(grad, numel, grad_output, s);
+    case BLV_FLOAT16: return blv::launch_scale<__half>(grad, numel, grad_output, s);
+    default: return blv::launch_scale<__nv_bfloat16>(grad, numel, grad_output, s);
   }
 }
 
-extern "C" cudaError_t blv_ce_bwd_cuda(const BlvProblem* problem, const float* grad_loss, int64_t stride_gn,
-                                       int64_t stride_gs, const float* denom, const float* lse, void* grad,
-                                       int64_t stride_dn, int64_t stride_dc, int64_t stride_ds,
-                                       cudaStream_t stream) {
-  switch (problem->logits_dtype) {
-    case BLV_FLOAT32:
-      return blv::bwd<float>(*problem, grad_loss, stride_gn, stride_gs, denom, lse, grad, stride_dn, stride_dc,
-                             stride_ds, stream);
-    case BLV_FLOAT16:
-      return blv::bwd<__half>(*problem, grad_loss, stride_gn, stride_gs, denom, lse, grad, stride_dn, stride_dc,
-                              stride_ds, stream);
-    case BLV_BFLOAT16:
-      return blv::bwd<__nv_bfloat16>(*problem, grad_loss, stride_gn, stride_gs, denom, lse, grad, stride_dn,
-                                     stride_dc, stride_ds, stream);
-    default: return cudaErrorInvalidValue;
+extern "C" const char* blv_error_string(int code) {
+  switch (code) {
+    case blv::kOk: return "no error";
+    case blv::kBadDtype: return "unsupported logits, target or gradient dtype";
+    case blv::kBadProblem: return "invalid problem: N, S >= 0 and 1 <= C < 2**31 - 4 are required";
+    case blv::kGridTooLarge: return "too many positions for one launch (more than 2**31 - 1 blocks)";
+    default:
+      return code > blv::kCudaError ? cudaGetErrorString(static_cast<cudaError_t>(code - blv::kCudaError))
+                                    : "unknown error code";
   }
 }

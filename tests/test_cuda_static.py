@@ -1,0 +1,187 @@
+"""Static checks of the CUDA kernels (blv_kernels/csrc/cuda/blv_kernel.cu), no GPU needed.
+
+nvcc compiles the file for sm_80 (an object) and sm_90 (a cubin, its PTX kept) with every
+warning an error, the two builds side by side. On the sm_90 cubin, every
+kernel the launchers instantiate is there; none spills (ptxas, both architectures) or uses a
+stack; its registers (cuobjdump --dump-resource-usage) fit the __launch_bounds__ in its PTX
+(.maxntid, .minnctapersm); and the SASS holds its vector accesses as single instructions:
+16-byte loads and stores of fp32 runs, 8-byte ones of fp16/bf16 runs, one store per 2-element
+piece of a misaligned run, 16-byte loads and stores in the gradient scaling.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from blv_kernels.backends import build_csrc
+
+SOURCE = build_csrc.CSRC / "cuda" / "blv_kernel.cu"
+NVCC = build_csrc.compiler_path("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+
+
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary utility: on PATH, in $CUDA_HOME/bin, beside nvcc, or the copy Triton ships."""
+    candidates = [shutil.which(name)]
+    candidates += [str(Path(d, name)) for d in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if d]
+    if NVCC is not None:
+        candidates.append(str(Path(NVCC).resolve().parent / name))
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.submodule_search_locations:
+        candidates.append(str(Path(triton.submodule_search_locations[0], "backends", "nvidia", "bin", name)))
+    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
+
+
+CUOBJDUMP = cuda_tool("cuobjdump")
+needs_cuobjdump = pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or triton)")
+
+# What the launchers instantiate: the loss pass for each dtype, layout (pixel/class) and
+# residency (row in registers/streamed), the label pass, the gradient scaling for each dtype.
+DTYPES = {"f": "float", "6__half": "__half", "13__nv_bfloat16": "__nv_bfloat16"}
+EXPECTED = {
+    *(f"loss_kernel<{t}, {pixel}, {stream}>" for t in DTYPES.values() for pixel in ("true", "false")
+      for stream in ("true", "false")),
+    *(f"scale_kernel<{t}>" for t in DTYPES.values()),
+    "label_kernel",
+}  # fmt: skip
+
+
+def kernel_name(mangled: str) -> str:
+    """blv's kernel from its mangled name: loss_kernel<float, true, false>, label_kernel, ..."""
+    match = re.search(r"\d+(loss_kernel|scale_kernel|label_kernel)(?:I(.+?)E)?(?:Ev|E10BlvProblem)", mangled)
+    assert match, mangled
+    name, args = match.groups()
+    if args is None:
+        return name
+    parts = re.findall(r"Lb([01])E|(f|\d+__\w+?(?=Lb|$))", args)
+    values = [("true" if b == "1" else "false") if b else DTYPES[t] for b, t in parts]
+    return f"{name}<{', '.join(values)}>"
+
+
+@dataclass
+class Build:
+    sm80: subprocess.CompletedProcess  # -arch=sm_80 -c
+    sm90: subprocess.CompletedProcess  # -arch=sm_90 -cubin, intermediates (the PTX) kept
+    directory: Path
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Build:
+    directory = tmp_path_factory.mktemp("cuda_static")
+    common = [NVCC, "-std=c++17", "-O3", f"-I{build_csrc.CSRC}", "-Werror", "all-warnings", "-Xptxas", "-v"]
+    commands = [
+        [*common, "-arch=sm_80", "-c", str(SOURCE), "-o", str(directory / "blv_kernel.o")],
+        [*common, "-arch=sm_90", "-cubin", "--keep", f"--keep-dir={directory}", str(SOURCE), "-o",
+         str(directory / "blv_kernel.cubin")],
+    ]  # fmt: skip
+    running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    done = []
+    for command, process in zip(commands, running, strict=True):
+        stdout, stderr = process.communicate(timeout=1200)
+        done.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return Build(done[0], done[1], directory)
+
+
+def test_compiles_for_sm80_and_sm90_without_warnings(build):
+    for result in (build.sm80, build.sm90):
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "warning" not in result.stderr.lower(), result.stderr[-4000:]
+
+
+@dataclass
+class PtxasInfo:
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+
+
+def ptxas_info(stderr: str) -> dict[tuple[str, str], PtxasInfo]:
+    """(kernel, arch) -> what ptxas -v reports of it."""
+    out, current = {}, None
+    for line in stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
+            current = (kernel_name(m.group(1)), m.group(2))
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                         line)):  # fmt: skip
+            out[current] = PtxasInfo(0, *map(int, m.groups()))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            out[current].registers = int(m.group(1))
+    return out
+
+
+def launch_bounds(ptx: str) -> dict[str, tuple[int, int]]:
+    """kernel -> (threads, minimum blocks per SM) of its __launch_bounds__, from the PTX."""
+    bounds = {}
+    for m in re.finditer(r"\.entry (\w+)\((.*?)\)\s*((?:\.\w+[^\n{]*\s*)*)\{", ptx, re.S):
+        threads = re.search(r"\.maxntid (\d+), (\d+), (\d+)", m.group(3))
+        blocks = re.search(r"\.minnctapersm (\d+)", m.group(3))
+        assert threads, f"{kernel_name(m.group(1))} has no __launch_bounds__"
+        bounds[kernel_name(m.group(1))] = (
+            int(threads[1]) * int(threads[2]) * int(threads[3]),
+            int(blocks[1]) if blocks else 1,
+        )
+    return bounds
+
+
+@needs_cuobjdump
+def test_every_kernel_fits_its_launch_bounds_without_spills(build):
+    assert build.sm80.returncode == 0 and build.sm90.returncode == 0
+    info = ptxas_info(build.sm80.stderr) | ptxas_info(build.sm90.stderr)
+    assert {k for k, _ in info} == EXPECTED and {a for _, a in info} == {"sm_80", "sm_90"}
+    for (kernel, arch), i in info.items():
+        assert (i.stack, i.spill_stores, i.spill_loads) == (0, 0, 0), (kernel, arch, i)
+    bounds = launch_bounds((build.directory / "blv_kernel.ptx").read_text())
+    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(build.directory / "blv_kernel.cubin")],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    registers = {}
+    for m in re.finditer(r"Function (\w+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage):
+        kernel, reg, stack, local = kernel_name(m.group(1)), *map(int, m.groups()[1:])
+        assert stack == 0 and local == 0, (kernel, stack, local)
+        registers[kernel] = reg
+    assert set(registers) == set(bounds) == EXPECTED
+    for kernel, (threads, blocks) in bounds.items():
+        # an SM's 64K registers shared by `blocks` blocks of `threads`; ptxas caps a thread at 255
+        limit = min(255, 65536 // (threads * blocks))
+        assert registers[kernel] <= limit, (kernel, registers[kernel], threads, blocks)
+        for arch in ("sm_80", "sm_90"):
+            assert info[kernel, arch].registers <= limit, (kernel, arch, info[kernel, arch].registers)
+
+
+def sass_by_kernel(cubin: Path) -> dict[str, str]:
+    text = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    parts = re.split(r"\n\s*Function : (\w+)\n", text)
+    return {kernel_name(parts[i]): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def opcodes(sass: str) -> set[str]:
+    return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+
+
+@needs_cuobjdump
+def test_vector_accesses_are_single_instructions(build):
+    assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
+    sass = sass_by_kernel(build.directory / "blv_kernel.cubin")
+    assert set(sass) == EXPECTED
+    for kernel, code in sass.items():
+        ops = opcodes(code)
+        if kernel.startswith("loss_kernel<float"):
+            # a run of 4 fp32 logits: one 16-byte read-only load (two when misaligned, funnel-
+            # shifted); its gradient: one 16-byte evict-first store, or 8-byte pieces
+            expected = {"LDG.E.128.CONSTANT", "STG.E.EF.128", "STG.E.EF.64"}
+        elif kernel.startswith("loss_kernel"):  # fp16 / bf16 runs: 8 bytes; a 2-element piece: 4 bytes
+            expected = {"LDG.E.64.CONSTANT", "STG.E.EF.64", "STG.E.EF"}
+        elif kernel.startswith("scale_kernel"):
+            expected = {"LDG.E.EF.128", "STG.E.EF.128"}
+        else:
+            expected = set()
+        assert expected <= ops, (kernel, sorted(o for o in ops if o.startswith(("LDG", "STG"))))
+        assert not {o for o in ops if o.startswith(("LDL", "STL"))}, kernel  # no local memory
