@@ -19,7 +19,7 @@ Word -> variation ``v`` (one 32-bit word per element, inverse CDF):
     v = min(sigma*sqrt(2) * erfinv(t), 1)          otherwise
 
 ``a`` is the CDF of ``|eps|`` at the clamp, so the atom ``P(v = 1)`` is exact (to 2**-24) and
-``erfinv`` is only needed on ``[0, a)``. For ``a <= 0.7`` (sigma >= 0.962, the paper's 4 and 6
+``erfinv`` is only needed on ``[0, a)``. For ``a <= 0.7`` (sigma >= 0.965, the paper's 4 and 6
 included) ``erfinv`` is a degree-8 polynomial in ``t**2``: no transcendental function at all.
 Below that sigma it is M. Giles' single-precision approximation ("Approximating the erfinv
 function", GPU Computing Gems, 2011): one log, plus a sqrt in the tail. Both agree with the

@@ -138,7 +138,8 @@ def _backward(ctx, grad_loss, _):
 
         get_backend(ctx.backend).implementation().scale_grad_(grad, grad_loss.float())
         torch.autograd.graph.increment_version(grad)  # the kernel wrote it: a second backward must see that
-    return grad, *no_grads
+    # the forward's output, handed over as the gradient: detached from the forward's graph (no copy)
+    return grad.detach(), *no_grads
 
 
 fused_blv_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

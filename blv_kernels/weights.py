@@ -11,6 +11,7 @@ and every logit of class ``c`` is shifted by ``v * w_c`` during training.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,9 +25,10 @@ def _counts_as_float64(class_counts) -> torch.Tensor:
     if isinstance(class_counts, torch.Tensor):
         counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(class_counts, (Sequence, np.ndarray)) and not isinstance(class_counts, (str, bytes)):
-        try:
-            counts = torch.as_tensor(np.asarray(class_counts, dtype=np.float64))
-        except (TypeError, ValueError) as err:
+        try:  # torch.tensor, not numpy, so that torch.compile traces a list of counts
+            counts = torch.tensor(np.asarray(class_counts, dtype=np.float64) if isinstance(class_counts, np.ndarray)
+                                  else class_counts, dtype=torch.float64)  # fmt: skip
+        except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"class_counts must be numbers, got {class_counts!r}") from err
     else:
         raise TypeError(
@@ -34,12 +36,19 @@ def _counts_as_float64(class_counts) -> torch.Tensor:
         )
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"class_counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
-    if not torch.isfinite(counts).all():
-        raise ValueError(f"class_counts must be finite, got {counts.tolist()}")
-    if (counts < 0).any():
-        bad = int(torch.nonzero(counts < 0)[0])
-        raise ValueError(f"class_counts must be non-negative, class {bad} has count {counts[bad].item()}")
+    _require(torch.isfinite(counts).all(), lambda: f"class_counts must be finite, got {counts.tolist()}")
+    _require((counts >= 0).all(), lambda: f"class_counts must be non-negative, class {int(torch.nonzero(counts < 0)[0])} "
+             f"has count {counts[counts < 0][0].item()}")  # fmt: skip
     return counts
+
+
+def _require(condition: torch.Tensor, message) -> None:
+    """ValueError(message()) unless ``condition``; under torch.compile an assertion in the graph instead
+    (the counts are data there, and a branch on them would break the graph)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, "class_counts: invalid counts (zero without smoothing, negative or not finite)")
+    elif not bool(condition):
+        raise ValueError(message())
 
 
 def class_weights(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
@@ -47,26 +56,26 @@ def class_weights(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
 
     Args:
         class_counts: per-class pixel (or sample) counts ``n_c``, length C; a list, numpy
-            array or tensor.
+            array or tensor (of any size: the sum is formed in log space, so counts near the
+            float64 maximum do not overflow it).
         smoothing: added to every count first (additive smoothing). A count of 0 makes
             ``f_c`` infinite, so zero counts are rejected unless ``smoothing > 0``.
 
     Returns:
         A float32 CPU tensor of shape (C,) with values in [0, 1]. One class, or counts
         that give every class the same frequency term 0, yield all zeros (no variation).
+        Inside ``torch.compile`` a list of counts is traced into the graph.
     """
-    if not (isinstance(smoothing, (int, float)) and math.isfinite(smoothing) and smoothing >= 0):
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not (
+            math.isfinite(smoothing) and smoothing >= 0):  # fmt: skip
         raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
-    counts = _counts_as_float64(class_counts) + smoothing
-    zero = torch.nonzero(counts == 0).flatten().tolist()
-    if zero:
-        raise ValueError(
-            f"class_counts has zero count for class(es) {zero}: log(0) makes their weight infinite; "
-            "pass smoothing > 0 (for example smoothing=1.0) or fix the counts"
-        )
-    # f_c >= 0 in exact arithmetic; clamp the rounding of log(total) - log(n_c) at 0.
-    freq = (counts.sum().log() - counts.log()).clamp_min(0.0)
+    counts = _counts_as_float64(class_counts) + float(smoothing)
+    _require((counts > 0).all(), lambda: (
+        f"class_counts has zero count for class(es) {torch.nonzero(counts == 0).flatten().tolist()}: log(0) makes "
+        "their weight infinite; pass smoothing > 0 (for example smoothing=1.0) or fix the counts"))  # fmt: skip
+    # f_c = log(sum n) - log(n_c) >= 0 in exact arithmetic; the sum in log space (no overflow), the
+    # rounding clamped at 0. One class, or a prior giving every class f_c = 0: no variation, w = 0.
+    log_counts = counts.log()
+    freq = (torch.logsumexp(log_counts, 0) - log_counts).clamp_min(0.0)
     fmax = freq.max()
-    if fmax <= 0:  # one class, or a prior that gives every class f_c = 0: no variation
-        return torch.zeros_like(freq, dtype=torch.float32)
-    return (freq / fmax).to(torch.float32)
+    return torch.where(fmax > 0, freq / fmax.clamp_min(torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)

@@ -1,8 +1,10 @@
 """The public entry point and the nn.Module."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backends import FUSED, skip_unless_runs
 
 import blv_kernels
 from blv_kernels import BLVLoss, blv_cross_entropy, reference
@@ -107,3 +109,105 @@ def test_bad_options_named_at_construction_and_call(kwargs, error, match, rng):
         BLVLoss(counts, **kwargs)
     with pytest.raises(error, match=match):
         blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, **{"sigma": 6.0, **kwargs})
+
+
+# ------------------------------------------------------------------ hardening: one rule for every backend
+
+ALL_BACKENDS = ["reference", *FUSED]
+
+
+def _backend(name):
+    if name != "reference":
+        skip_unless_runs(name)
+    return name
+
+
+@pytest.mark.parametrize("sigma", [torch.tensor(6), torch.tensor(6.0), True, "6"], ids=["int-tensor", "tensor", "bool",
+                                                                                          "str"])  # fmt: skip
+def test_sigma_must_be_a_number(sigma, rng):
+    logits, target, counts = _batch(rng)
+    with pytest.raises(TypeError, match="sigma must be a"):
+        blv_cross_entropy(logits, target, class_counts=counts, sigma=sigma, ignore_index=255)
+    with pytest.raises(TypeError, match="sigma must be a"):
+        BLVLoss(counts, sigma)
+    loss_fn = BLVLoss(counts)
+    with pytest.raises(TypeError, match="sigma must be a"):
+        loss_fn.sigma = sigma
+    assert loss_fn.sigma == 6.0  # unchanged by the rejected value
+
+
+def test_numpy_scalars_are_numbers(rng):
+    logits, target, counts = _batch(rng)
+    loss_fn = BLVLoss(counts, np.float32(4.0), ignore_index=np.int64(255), label_smoothing=np.float64(0.1))
+    expected = BLVLoss(counts, 4.0, ignore_index=255, label_smoothing=0.1)
+    assert torch.equal(loss_fn(logits, target, seed=1), expected(logits, target, seed=1))
+
+
+def test_offset_must_keep_the_stream_below_2_63(rng):
+    logits, target, counts = _batch(rng)
+    positions = target.numel()
+    last = 2**63 - 1 - positions
+    blv_cross_entropy(logits, target, class_counts=counts, seed=1, offset=last, ignore_index=255)
+    with pytest.raises(ValueError, match="offset must be in"):
+        blv_cross_entropy(logits, target, class_counts=counts, seed=1, offset=last + 1, ignore_index=255)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_weights_are_constants_on_every_backend(backend, rng):
+    backend = _backend(backend)
+    logits, target, counts = _batch(rng)
+    weight = (torch.rand(6, generator=rng) + 0.5).requires_grad_(True)
+    position_weight = torch.rand(target.shape, generator=rng).requires_grad_(True)
+    with pytest.raises(ValueError, match="weight requires grad"):
+        blv_cross_entropy(logits, target, weight, class_counts=counts, ignore_index=255, backend=backend)
+    with pytest.raises(ValueError, match="position_weight requires grad"):
+        blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, position_weight=position_weight,
+                          backend=backend)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_position_weight_at_an_ignored_position_is_nan_everywhere(backend, rng):
+    # the loss multiplies every position's loss by its weight, 0 * NaN included (as mmseg does)
+    backend = _backend(backend)
+    logits, target, counts = _batch(rng)
+    target[0, 0, 0] = 255
+    position_weight = torch.rand(target.shape, generator=rng)
+    position_weight[0, 0, 0] = float("nan")
+    x = logits.clone().requires_grad_(True)
+    loss = blv_cross_entropy(x, target, class_counts=counts, seed=2, ignore_index=255, position_weight=position_weight,
+                             reduction="sum", backend=backend)  # fmt: skip
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()  # an ignored position contributes no gradient
+
+
+def test_cross_entropy_style_calls(rng):
+    logits, target, counts = _batch(rng)
+    weight = torch.rand(6, generator=rng) + 0.5
+    with pytest.raises(TypeError, match="class_counts"):  # F.cross_entropy(x, y, weight) habits: counts are a keyword
+        blv_cross_entropy(logits, target, weight)
+    # the weight is F.cross_entropy's third positional argument
+    got = blv_cross_entropy(logits, target.long(), weight, class_counts=counts, sigma=0.0, ignore_index=255,
+                            label_smoothing=0.2, backend="reference")  # fmt: skip
+    expected = F.cross_entropy(logits, target.long(), weight, ignore_index=255, label_smoothing=0.2)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_eval_with_class_weights_in_any_dtype(dtype, rng):
+    logits, target, counts = _batch(rng)
+    weight = torch.rand(6, generator=rng) + 0.5
+    loss_fn = BLVLoss(counts, weight=weight, ignore_index=255).eval()
+    expected = F.cross_entropy(logits.to(dtype), target.long(), weight.to(dtype), ignore_index=255)
+    assert torch.equal(loss_fn(logits.to(dtype), target), expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_functional_form_compiles_with_a_list_of_counts(backend, rng):
+    backend = _backend(backend)
+    logits, target, counts = _batch(rng)
+
+    def loss(x):
+        return blv_cross_entropy(x, target, class_counts=counts, seed=4, ignore_index=255, backend=backend)
+
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="aot_eager")(logits), loss(logits))

@@ -193,3 +193,27 @@ def test_avg_factor_divides_the_weighted_sum(rng):
         reference.blv_cross_entropy(
             logits, target, class_counts=counts, sigma=6.0, seed=3, reduction="sum", avg_factor=3.0
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_take_the_shift_in_float32(dtype, rng):
+    # bf16 logits near 256 are 2 apart: a shift v*w in [0, 1] rounded to bf16 would become 0 or 2.
+    # The semantics: perturbed logits and softmax in float32, the result in the logits' dtype.
+    logits = (torch.randn(64, 5, generator=rng) + 256).to(dtype)
+    target = torch.randint(0, 5, (64,), generator=rng)
+    counts = [1000, 100, 10, 5, 1]
+    half = reference.blv_cross_entropy(logits, target, class_counts=counts, seed=7)
+    single = reference.blv_cross_entropy(logits.float(), target, class_counts=counts, seed=7)
+    assert half.dtype == dtype
+    assert half == single.to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 5, 0), (0, 5)], ids=["empty-batch", "empty-space", "empty-rows"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_inputs_like_cross_entropy(shape, reduction):
+    logits = torch.randn(shape, requires_grad=True)
+    target = torch.zeros(shape[:1] + shape[2:], dtype=torch.int64)
+    loss = reference.blv_cross_entropy(logits, target, class_counts=[1, 2, 3, 4, 5], sigma=6.0, reduction=reduction)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target, reduction=reduction), equal_nan=True)
+    loss.sum().backward()
+    assert logits.grad.shape == logits.shape

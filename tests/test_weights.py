@@ -66,3 +66,17 @@ def test_bad_counts(counts, error, match):
 def test_bad_smoothing():
     with pytest.raises(ValueError, match="smoothing"):
         class_weights([1, 2], smoothing=-1.0)
+
+
+def test_counts_near_the_float64_maximum():
+    # the sum of the counts overflows float64; the weights are formed in log space
+    w = class_weights([1e308, 1e308, 1.0])
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, class_weights([1.0, 1.0, 1e-308]))
+    assert w[2] == 1 and w[0] == w[1] > 0
+
+
+def test_weights_compile_from_a_list():
+    counts = [16, 4, 1, 8]
+    compiled = torch.compile(lambda: class_weights(counts), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(), class_weights(counts))
