@@ -19,31 +19,12 @@ import emulated_cuda  # noqa: E402  (imports blv_kernels: after TRITON_INTERPRET
 
 emulated_cuda.register()  # backend "cuda-emulated": the CUDA source on the host, in every run
 
-SEED_VARIABLE = "BLV_TEST_SEED"
+pytest_plugins = ["seeds", "pytester"]  # seeds: the rng fixture, reported on failure (tests/seeds.py)
 
 
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-@pytest.fixture
-def rng(request) -> torch.Generator:
-    """A generator with a fresh seed per test, or $BLV_TEST_SEED's: a failing test prints its seed."""
-    seed = int(os.environ.get(SEED_VARIABLE) or int.from_bytes(os.urandom(4), "little"))
-    request.node.user_properties.append(("seed", seed))
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    seeds = [value for name, value in item.user_properties if name == "seed"]
-    if report.failed and seeds:
-        report.sections.append(
-            ("random seed", f"this test drew seed {seeds[0]}: rerun it with {SEED_VARIABLE}={seeds[0]}")
-        )
-    return report
 
 
 @pytest.fixture

@@ -187,3 +187,10 @@ def test_cuda_graph_replays_fresh_noise_and_the_scheduled_sigma_without_sync(bac
     assert not torch.equal(grads[0], grads[1])
     plain = torch.nn.functional.cross_entropy(x.detach(), target)
     torch.testing.assert_close(at_zero, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_through_autograd_grad_is_detached(fused, rng):
+    x = torch.randn(3, 7, generator=rng).to(DEVICE).requires_grad_(True)
+    target = torch.randint(0, 7, (3,), generator=rng).to(DEVICE)
+    (grad,) = torch.autograd.grad(blv_cross_entropy(x, target, class_counts=list(range(1, 8)), backend=fused), x)
+    assert not grad.requires_grad and grad.grad_fn is None

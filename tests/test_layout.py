@@ -1,0 +1,81 @@
+"""The layout rule every fused backend shares (blv_kernels/_layout.py): which views are read in
+place through (N, [C,] S) strides, which are copied, and the gradient's buffer."""
+
+import math
+
+import pytest
+import torch
+
+from blv_kernels._layout import as_ncs, empty_gradient, spatial_stride
+
+
+@pytest.mark.parametrize(
+    "shape, strides, expected",
+    [
+        ((4, 5), (5, 1), 1),  # contiguous H, W: one run of stride 1
+        ((4, 5), (1, 4), None),  # transposed: W outer of H is not one run
+        ((4, 5), (10, 2), 2),  # every other element: one run of stride 2
+        ((4, 1, 5), (5, 99, 1), 1),  # size-1 dims do not count, whatever their stride
+        ((3, 4), (0, 0), 0),  # an expanded scalar: one run of stride 0
+        ((), (), 1),  # no spatial dims: (N, C) rows
+        ((4, 5), (7, 1), None),  # a crop of W: rows 7 apart, 5 long
+    ],
+)
+def test_spatial_stride(shape, strides, expected):
+    assert spatial_stride(shape, strides) == expected
+
+
+def _same(view, addressed):
+    """The addressed tensor, read as (N, C, S) through the strides as_ncs gives, holds the view's values."""
+    t, strides = addressed
+    n, c, s = view.shape[0], view.shape[1], math.prod(view.shape[2:])
+    assert torch.equal(torch.as_strided(t, (n, c, s), strides), view.reshape(n, c, s))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "class-sliced", "batch-sliced", "rows"])
+def test_read_in_place(layout, rng):
+    x = torch.randn(4, 6, 5, 7, generator=rng)
+    view = {
+        "contiguous": x,
+        "channels_last": x.to(memory_format=torch.channels_last),
+        "class-sliced": torch.randn(4, 12, 5, 7, generator=rng)[:, ::2],
+        "batch-sliced": torch.randn(8, 6, 5, 7, generator=rng)[::2],
+        "rows": x[:, :, 0, 0],
+    }[layout]
+    t, strides = as_ncs(view, 2)
+    assert t.data_ptr() == view.data_ptr()  # no copy
+    _same(view, (t, strides))
+
+
+@pytest.mark.parametrize("layout", ["cropped", "permuted"])
+def test_copied_when_the_positions_are_not_one_run(layout, rng):
+    x = torch.randn(4, 6, 5, 9, generator=rng)
+    view = x[..., 1:8] if layout == "cropped" else torch.randn(4, 5, 6, 7, generator=rng).permute(0, 2, 1, 3)
+    t, strides = as_ncs(view, 2)
+    assert t.data_ptr() != view.data_ptr() and t.is_contiguous()
+    _same(view, (t, strides))
+
+
+def test_labels_and_expanded_grad_outputs(rng):
+    labels = torch.randint(0, 5, (3, 4, 6), generator=rng)
+    t, strides = as_ncs(labels, 1)
+    assert strides == (24, 1) and t.data_ptr() == labels.data_ptr()
+    expanded = torch.randn((), generator=rng).expand(3, 4, 6)
+    t, strides = as_ncs(expanded, 1)
+    assert strides == (0, 0) and t.data_ptr() == expanded.data_ptr()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+def test_gradient_buffer_keeps_an_addressable_layout(layout, rng):
+    x = torch.randn(2, 6, 5, 7, generator=rng)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = torch.randn(2, 5, 6, 7, generator=rng).permute(0, 2, 1, 3)
+    grad = empty_gradient(x)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    if layout == "permuted":  # not one run of positions: contiguous instead
+        assert grad.is_contiguous()
+    else:
+        assert grad.stride() == x.stride()
+    assert spatial_stride(grad.shape[2:], grad.stride()[2:]) is not None
