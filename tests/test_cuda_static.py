@@ -185,3 +185,21 @@ def test_vector_accesses_are_single_instructions(build):
             expected = set()
         assert expected <= ops, (kernel, sorted(o for o in ops if o.startswith(("LDG", "STG"))))
         assert not {o for o in ops if o.startswith(("LDL", "STL"))}, kernel  # no local memory
+
+
+def test_the_static_instruction_report_walks_every_case():
+    # benchmarks/cuda_static_report.py decides every branch of the loss kernel by rules keyed by
+    # source lines; a kernel change the rules do not know raises instead of miscounting
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)  # benchmarks/ belongs to the repository, not to the installed package
+    from benchmarks import cuda_static_report as report
+
+    kernels = report._Kernels()
+    for dtype, pixel, num_classes, name in report.CASES:
+        lanes, result = report.case_report(kernels, dtype, pixel, num_classes)
+        assert lanes == report.lanes_for(pixel, num_classes)
+        assert result.per_element["philox"] > 0 and result.per_element["mufu"] > 0, name
+        assert result.spill_bytes == 0 and result.registers <= 255, name
