@@ -343,6 +343,20 @@ def _gradient_chunk(
 
 
 @triton.jit
+def _exp_block(o_c, z0, z1, z2, z3, b_m, b_t, b_smooth, b_weight_sum, class_weight_ptr, C,
+               HAS_CLASS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """A block of the row in registers, once m is known: e_c = exp(z_c - m) in place of z, and the
+    block's share of d, z_t and (label smoothing) sum_c cw_c (m - z_c) and W."""
+    b_zt = _label_logit4(o_c, z0, z1, z2, z3, b_t)
+    if HAS_SMOOTHING:
+        b_smooth += _smoothing_sum4(o_c, z0, z1, z2, z3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
+        if HAS_CLASS_WEIGHT:
+            b_weight_sum += _class_weight_sum(class_weight_ptr, o_c, C)
+    e0, e1, e2, e3 = _exp_shifted(z0, b_m), _exp_shifted(z1, b_m), _exp_shifted(z2, b_m), _exp_shifted(z3, b_m)
+    return e0, e1, e2, e3, _sum4(e0, e1, e2, e3), b_zt, b_smooth, b_weight_sum
+
+
+@triton.jit
 def _row_statistics(
     x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t, b_cw,
     b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc,
@@ -369,27 +383,16 @@ def _row_statistics(
                                                     CLAMP_MODE, POLY, False, EVEN_S)  # fmt: skip
             b_m = tl.maximum(b_m, _max4(b0, b1, b2, b3))
         b_m = tl.where(b_m == float("-inf"), 0.0, b_m)  # shift by 0 while every z is -inf: exp(-inf) = 0, not NaN
-        b_zt = _label_logit4(oc_a, a0, a1, a2, a3, b_t)
-        if HAS_SMOOTHING:
-            b_smooth += _smoothing_sum4(oc_a, a0, a1, a2, a3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
-            if HAS_CLASS_WEIGHT:
-                b_weight_sum += _class_weight_sum(class_weight_ptr, oc_a, C)
-        a0 = _exp_shifted(a0, b_m)
-        a1 = _exp_shifted(a1, b_m)
-        a2 = _exp_shifted(a2, b_m)
-        a3 = _exp_shifted(a3, b_m)
-        b_d = _sum4(a0, a1, a2, a3)
+        a0, a1, a2, a3, b_d, b_zt, b_smooth, b_weight_sum = _exp_block(
+            oc_a, a0, a1, a2, a3, b_m, b_t, b_smooth, b_weight_sum, class_weight_ptr, C, HAS_CLASS_WEIGHT, HAS_SMOOTHING
+        )
         if TAIL_GROUPS > 0:
-            b_zt += _label_logit4(oc_b, b0, b1, b2, b3, b_t)
-            if HAS_SMOOTHING:
-                b_smooth += _smoothing_sum4(oc_b, b0, b1, b2, b3, b_m, class_weight_ptr, C, HAS_CLASS_WEIGHT)
-                if HAS_CLASS_WEIGHT:
-                    b_weight_sum += _class_weight_sum(class_weight_ptr, oc_b, C)
-            b0 = _exp_shifted(b0, b_m)
-            b1 = _exp_shifted(b1, b_m)
-            b2 = _exp_shifted(b2, b_m)
-            b3 = _exp_shifted(b3, b_m)
-            b_d += _sum4(b0, b1, b2, b3)
+            b0, b1, b2, b3, d_tail, zt_tail, b_smooth, b_weight_sum = _exp_block(
+                oc_b, b0, b1, b2, b3, b_m, b_t, b_smooth, b_weight_sum, class_weight_ptr, C, HAS_CLASS_WEIGHT,
+                HAS_SMOOTHING,
+            )  # fmt: skip
+            b_d += d_tail
+            b_zt += zt_tail
         if COMPUTE_GRAD:
             k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
                                           HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
