@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from blv_kernels.backends import triton_kernel as tk
-from blv_kernels.ops import BLVProblem
+from blv_kernels.problem import BLVProblem
 
 from . import sass
 

@@ -1,6 +1,6 @@
 """The public BLV loss: the functional form, its weights-level twin, and the ``nn.Module``.
 
-Each call is checked here once, normalised into a :class:`~blv_kernels.ops.BLVProblem` and
+Each call is checked here once, normalised into a :class:`~blv_kernels.problem.BLVProblem` and
 handed to the backend ``backend=`` resolves to (``blv_kernels/backends``).
 """
 
@@ -12,6 +12,7 @@ from torch import nn
 from . import noise, ops, reference
 from ._validation import check_logits_target, check_loss_arguments, check_options
 from .backends import get_backend, resolve_backend
+from .problem import BLVProblem
 from .weights import class_weights
 
 __all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights", "plain_cross_entropy", "BLVLoss", "draw_seed"]
@@ -148,7 +149,7 @@ def blv_cross_entropy_from_weights(
         seed = noise.seed_tensor(seed, device)
     positions = target.numel()
     weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the arithmetic's
-    problem = ops.BLVProblem(
+    problem = BLVProblem(
         logits=logits, target=target, variation_weight=variation_weight.float().contiguous(),
         class_weight=None if weight is None else weight.to(weight_dtype).contiguous(),
         position_weight=None if position_weight is None else position_weight.to(weight_dtype),

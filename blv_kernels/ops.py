@@ -1,6 +1,6 @@
 """The operator contract every fused backend implements, registered once.
 
-One call of the BLV loss is a :class:`BLVProblem`. A fused backend (``backends/``) computes,
+One call of the BLV loss is a :class:`~blv_kernels.problem.BLVProblem`. A fused backend (``backends/``) computes,
 in one read of the logits, the loss and, when autograd will need it, the gradient of the loss
 for a ``grad_output`` of 1; the backward only scales that gradient by the real ``grad_output``,
 in place, and on the device reads nothing when it is exactly 1 (``loss.backward()`` of a
@@ -22,46 +22,13 @@ with respect to them (``_validation.check_constant_weights``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ._layout import empty_gradient
-from ._validation import invalid_target_mask, raise_or_assert_no_bad_labels
+from .backends import get_backend
+from .problem import BLVProblem
 
-__all__ = ["BLVProblem", "fused_blv_cross_entropy", "fused_loss", "check_labels", "mean_divisor", "reduced_loss"]
-
-
-@dataclass(frozen=True)
-class BLVProblem:
-    """One loss call, checked and normalised (``loss.blv_cross_entropy_from_weights`` builds it).
-
-    Tensors are on the logits' device; the weights are float32 and contiguous (per class) or
-    float32 (per position, any strides).
-    """
-
-    logits: torch.Tensor  # (N, C, d1..dk), float16 / bfloat16 / float32 (float64: reference only)
-    target: torch.Tensor  # (N, d1..dk), any integer dtype
-    variation_weight: torch.Tensor  # w_c, (C,)
-    class_weight: torch.Tensor | None  # F.cross_entropy's weight, (C,)
-    position_weight: torch.Tensor | None  # mmseg's per-position weight, the target's shape
-    seed: torch.Tensor  # 0-dim int64: the 64-bit Philox key
-    variation_params: torch.Tensor  # (2,) float32: [scale, threshold] of the word -> v transform
-    avg_factor: torch.Tensor | None  # 0-dim float32: the divisor of "mean" instead of the weights' sum
-    offset: int  # stream offset: position q = offset + n*S + s
-    ignore_index: int
-    reduction: str  # "none", "sum", "mean"
-    mode: str  # "abs" (v = min(|eps|, 1)) or "clamp" (v = clamp(eps, 0, 1))
-    label_smoothing: float
-
-    @property
-    def num_classes(self) -> int:
-        return self.logits.shape[1]
-
-    @property
-    def positions(self) -> int:
-        """N*S: the label count."""
-        return self.target.numel()
+__all__ = ["fused_blv_cross_entropy", "fused_loss"]
 
 
 @torch.library.custom_op("blv_kernels::fused_blv_cross_entropy", mutates_args=())
@@ -83,8 +50,6 @@ def fused_blv_cross_entropy(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient of the loss for a grad_output of 1; an empty tensor unless compute_grad)."""
-    from .backends import get_backend  # the backends import this module: resolve at call time
-
     problem = BLVProblem(
         logits=logits, target=target, variation_weight=variation_weight, class_weight=class_weight,
         position_weight=position_weight, seed=seed, variation_params=variation_params, avg_factor=avg_factor,
@@ -134,8 +99,6 @@ def _backward(ctx, grad_loss, _):
     if ctx.reduction == "none":
         grad.mul_(grad_loss.unsqueeze(1))
     else:
-        from .backends import get_backend  # the backends import this module: resolve at call time
-
         get_backend(ctx.backend).implementation().scale_grad_(grad, grad_loss.float())
         torch.autograd.graph.increment_version(grad)  # the kernel wrote it: a second backward must see that
     # the forward's output, handed over as the gradient: detached from the forward's graph (no copy)
@@ -159,33 +122,3 @@ def fused_loss(problem: BLVProblem, backend: str) -> torch.Tensor:
         problem.reduction, problem.mode, problem.label_smoothing, compute_grad, backend,
     )  # fmt: skip
     return loss
-
-
-# ----------------------------------------------------------------------------------------------
-# What every fused backend does around its kernels: the label check, the divisor, the reduction.
-
-
-def check_labels(problem: BLVProblem, bad_counts: torch.Tensor) -> None:
-    """Raise (CPU) or assert on the device (no sync) when a label is outside [0, C) and not ignore_index."""
-    target, num_classes, ignore_index = problem.target, problem.num_classes, problem.ignore_index
-    raise_or_assert_no_bad_labels(
-        bad_counts.sum(), lambda: target[invalid_target_mask(target.long(), num_classes, ignore_index)][0],
-        num_classes, ignore_index,
-    )  # fmt: skip
-
-
-def mean_divisor(problem: BLVProblem, weight_sums: torch.Tensor) -> torch.Tensor | None:
-    """The divisor of "mean" as a one-element float32 tensor (avg_factor, else the label pass's
-    weight sums: F.cross_entropy's count or sum of class weights); None for "none" and "sum"."""
-    if problem.reduction != "mean":
-        return None
-    return problem.avg_factor if problem.avg_factor is not None else weight_sums.sum()
-
-
-def reduced_loss(problem: BLVProblem, loss_sums: torch.Tensor, denom: torch.Tensor | None,
-                 loss_per_position: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """The loss in the logits' dtype from the loss pass's per-block sums (a fixed-order torch.sum: deterministic)."""
-    if problem.reduction == "none":
-        return loss_per_position
-    total = loss_sums.sum()
-    return (total if denom is None else total / denom).to(problem.logits.dtype)

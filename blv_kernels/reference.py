@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import noise
 from ._validation import check_target_values
-from .ops import BLVProblem
+from .problem import BLVProblem
 
 __all__ = ["blv_cross_entropy", "loss", "weighted_cross_entropy"]
 

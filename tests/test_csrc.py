@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from grid import Case, loss_and_grad, make_inputs
 
-from blv_kernels import blv_cross_entropy, noise, ops
+from blv_kernels import blv_cross_entropy, noise
 from blv_kernels.backends import BACKENDS, build_csrc, cpp_kernel, resolve_backend
 
 CSRC = build_csrc.CSRC
@@ -415,7 +415,7 @@ def test_bad_labels_raise_and_name_the_first(cpu_kernels, dtype, bad, ignore_ind
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_labels_are_never_an_index(cpu_kernels, path, monkeypatch, rng, poisoned):
     """Past the label check (which raises first), the loss pass counts a bad label as not valid."""
-    monkeypatch.setattr(ops, "check_labels", lambda problem, bad_counts: None)
+    monkeypatch.setattr(cpp_kernel, "check_labels", lambda problem, bad_counts: None)
     classes = PATHS[path]
     x = _logits((2, classes, 5, 6), path, rng)
     target = torch.randint(0, classes, (2, 5, 6), generator=rng)

@@ -1,6 +1,6 @@
 """Every implementation of the BLV loss, in one table; ``backend=`` picks a row.
 
-A backend computes the loss of a :class:`~blv_kernels.ops.BLVProblem`. The reference
+A backend computes the loss of a :class:`~blv_kernels.problem.BLVProblem`. The reference
 (``blv_kernels/reference.py``) is plain PyTorch and autograd; the fused backends implement the
 operator contract of ``blv_kernels/ops.py`` (``forward(problem, compute_grad)`` returning the
 loss and its gradient in one pass over the logits, ``scale_grad_(grad, grad_output)`` for the

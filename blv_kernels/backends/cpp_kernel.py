@@ -5,7 +5,7 @@ strides; each device type has its own shared library implementing them (``csrc/c
 ``csrc/cuda``), built by ``build_csrc`` on first use (or by ``setup.py``) and called here
 through ctypes. So there is no second op schema and no torch C++ extension to build against
 torch's headers: the op, its fake and its autograd are those of ``blv_kernels/ops.py``, and
-this module only lays a :class:`~blv_kernels.ops.BLVProblem` out for the C side.
+this module only lays a :class:`~blv_kernels.BLVProblem` out for the C side.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .. import ops
 from .._layout import as_ncs, empty_gradient
+from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 from .build_csrc import LIBRARIES, Library, library_path
 
 __all__ = ["CompiledKernels", "forward", "scale_grad_", "unavailable"]
@@ -80,7 +80,7 @@ class CompiledKernels:
             return torch.cuda.current_stream(device).cuda_stream, 0
         return None, torch.get_num_threads()
 
-    def forward(self, problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
         logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
         target, (stn, sts) = as_ncs(problem.target, 1)
@@ -103,8 +103,8 @@ class CompiledKernels:
             bad_counts = torch.empty(label_blocks, dtype=torch.int32, device=device)
             self._check(self.lib.blv_label_pass(c_problem, _pointer(weight_sums), _pointer(bad_counts), stream,
                                                 threads), "label pass")  # fmt: skip
-            ops.check_labels(problem, bad_counts)
-            denom = ops.mean_divisor(problem, weight_sums)
+            check_labels(problem, bad_counts)
+            denom = mean_divisor(problem, weight_sums)
             loss_sums = torch.empty(self.lib.blv_loss_blocks(c_problem), **f32)
             per_position = (
                 torch.empty(target.shape, dtype=logits.dtype, device=device) if problem.reduction == "none" else None
@@ -115,7 +115,7 @@ class CompiledKernels:
                 _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
             self._check(self.lib.blv_loss_pass(c_problem, _pointer(denom), _pointer(per_position), _pointer(loss_sums),
                                                _pointer(grad), sgn, sgc, sgs, stream, threads), "loss pass")  # fmt: skip
-        loss = ops.reduced_loss(problem, loss_sums, denom, per_position)
+        loss = reduced_loss(problem, loss_sums, denom, per_position)
         return loss, grad if grad is not None else logits.new_empty(0)
 
     def scale_grad_(self, grad: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -161,7 +161,7 @@ def unavailable(device_type: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-def forward(problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels(problem.logits.device.type).forward(problem, compute_grad=compute_grad)
 
 

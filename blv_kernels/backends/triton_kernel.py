@@ -38,8 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import noise, ops
+from .. import noise
 from .._layout import as_ncs, empty_gradient
+from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 
 __all__ = ["forward", "scale_grad_", "kernel_config", "KernelConfig"]
 
@@ -626,7 +627,7 @@ class Addressed:
     index_64: bool  # an element offset reaches 2**31
 
     @classmethod
-    def of(cls, problem: ops.BLVProblem, *, compute_grad: bool) -> Addressed:
+    def of(cls, problem: BLVProblem, *, compute_grad: bool) -> Addressed:
         logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
         target, (stn, sts) = as_ncs(problem.target, 1)
         position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
@@ -653,7 +654,7 @@ class Addressed:
                    max(largest_offset, positions) >= 2**31)  # fmt: skip
 
 
-def label_launch(problem: ops.BLVProblem, view: Addressed) -> Launch:
+def label_launch(problem: BLVProblem, view: Addressed) -> Launch:
     """The label pass; its outputs ``weight_sums_ptr`` and ``bad_counts_ptr`` are in ``args``."""
     grid = (triton.cdiv(view.spatial, LABEL_BLOCK), view.runs)
     device = view.logits.device
@@ -667,7 +668,7 @@ def label_launch(problem: ops.BLVProblem, view: Addressed) -> Launch:
     ))  # fmt: skip
 
 
-def loss_launch(problem: ops.BLVProblem, view: Addressed, denom: torch.Tensor | None) -> Launch:
+def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None) -> Launch:
     """The loss pass; its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
     ``grad_ptr`` are in ``args``."""
     config = kernel_config(problem.num_classes)
@@ -699,16 +700,16 @@ def scale_launch(grad: torch.Tensor, grad_output: torch.Tensor) -> Launch:
                   dict(grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK))  # fmt: skip
 
 
-def forward(problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
     view = Addressed.of(problem, compute_grad=compute_grad)
     labels = label_launch(problem, view)
     labels()
-    ops.check_labels(problem, labels.args["bad_counts_ptr"])
-    denom = ops.mean_divisor(problem, labels.args["weight_sums_ptr"])
+    check_labels(problem, labels.args["bad_counts_ptr"])
+    denom = mean_divisor(problem, labels.args["weight_sums_ptr"])
     loss = loss_launch(problem, view, denom)
     loss()
-    result = ops.reduced_loss(problem, loss.args["loss_sums_ptr"], denom, loss.args["loss_ptr"])
+    result = reduced_loss(problem, loss.args["loss_sums_ptr"], denom, loss.args["loss_ptr"])
     return result, view.grad if view.grad is not None else view.logits.new_empty(0)
 
 

@@ -8,9 +8,9 @@ import functools
 
 import torch
 
-from blv_kernels import ops
 from blv_kernels.backends import build_csrc
 from blv_kernels.backends.cpp_kernel import CompiledKernels
+from blv_kernels.problem import BLVProblem
 
 from . import LIBRARY
 
@@ -20,7 +20,7 @@ def kernels() -> CompiledKernels:
     return CompiledKernels(build_csrc.library_path(LIBRARY, quiet=True), "cpu", name="emulated CUDA")
 
 
-def forward(problem: ops.BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return kernels().forward(problem, compute_grad=compute_grad)
 
 

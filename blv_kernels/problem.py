@@ -1,0 +1,75 @@
+"""One call of the BLV loss as every backend receives it, and what every fused backend does with
+its kernels' outputs: the label check, the divisor of "mean", the reduction.
+
+``loss.blv_cross_entropy_from_weights`` checks a call once and builds the :class:`BLVProblem`;
+the reference computes its loss with autograd (``reference.loss``), a fused backend with its
+kernels (``ops.py``: the operator contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import invalid_target_mask, raise_or_assert_no_bad_labels
+
+__all__ = ["BLVProblem", "check_labels", "mean_divisor", "reduced_loss"]
+
+
+@dataclass(frozen=True)
+class BLVProblem:
+    """One loss call, checked and normalised (``loss.blv_cross_entropy_from_weights`` builds it).
+
+    Tensors are on the logits' device; the weights are float32 and contiguous (per class) or
+    float32 (per position, any strides).
+    """
+
+    logits: torch.Tensor  # (N, C, d1..dk), float16 / bfloat16 / float32 (float64: reference only)
+    target: torch.Tensor  # (N, d1..dk), any integer dtype
+    variation_weight: torch.Tensor  # w_c, (C,)
+    class_weight: torch.Tensor | None  # F.cross_entropy's weight, (C,)
+    position_weight: torch.Tensor | None  # mmseg's per-position weight, the target's shape
+    seed: torch.Tensor  # 0-dim int64: the 64-bit Philox key
+    variation_params: torch.Tensor  # (2,) float32: [scale, threshold] of the word -> v transform
+    avg_factor: torch.Tensor | None  # 0-dim float32: the divisor of "mean" instead of the weights' sum
+    offset: int  # stream offset: position q = offset + n*S + s
+    ignore_index: int
+    reduction: str  # "none", "sum", "mean"
+    mode: str  # "abs" (v = min(|eps|, 1)) or "clamp" (v = clamp(eps, 0, 1))
+    label_smoothing: float
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def positions(self) -> int:
+        """N*S: the label count."""
+        return self.target.numel()
+
+
+def check_labels(problem: BLVProblem, bad_counts: torch.Tensor) -> None:
+    """Raise (CPU) or assert on the device (no sync) when a label is outside [0, C) and not ignore_index."""
+    target, num_classes, ignore_index = problem.target, problem.num_classes, problem.ignore_index
+    raise_or_assert_no_bad_labels(
+        bad_counts.sum(), lambda: target[invalid_target_mask(target.long(), num_classes, ignore_index)][0],
+        num_classes, ignore_index,
+    )  # fmt: skip
+
+
+def mean_divisor(problem: BLVProblem, weight_sums: torch.Tensor) -> torch.Tensor | None:
+    """The divisor of "mean" as a one-element float32 tensor (avg_factor, else the label pass's
+    weight sums: F.cross_entropy's count or sum of class weights); None for "none" and "sum"."""
+    if problem.reduction != "mean":
+        return None
+    return problem.avg_factor if problem.avg_factor is not None else weight_sums.sum()
+
+
+def reduced_loss(problem: BLVProblem, loss_sums: torch.Tensor, denom: torch.Tensor | None,
+                 loss_per_position: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """The loss in the logits' dtype from the loss pass's per-block sums (a fixed-order torch.sum: deterministic)."""
+    if problem.reduction == "none":
+        return loss_per_position
+    total = loss_sums.sum()
+    return (total if denom is None else total / denom).to(problem.logits.dtype)
