@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -23,6 +24,8 @@ QUANTILES = (0.5, 0.2, 0.8)  # median, then the 20% and 80% quantiles, as triton
 SIGMA = 6.0  # the paper's value for most tasks
 IGNORE_INDEX = 255
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# /proc/cpuinfo flags of a bf16 arithmetic unit: x86's AVX512-BF16 and AMX-BF16, aarch64's FEAT_BF16
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
 def class_counts(num_classes: int) -> list[int]:
@@ -35,10 +38,59 @@ def class_counts(num_classes: int) -> list[int]:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: the benchmarks run on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     return device
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def log(line: str) -> None:
+    """Print a progress line now (not when a pipe's buffer fills): a long run shows what it has done."""
+    print(line, flush=True)
+
+
+def cpu_bf16_problem(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """None when this CPU computes bf16 natively, else why bf16 autocast is not worth timing on it.
+
+    Without a bf16 unit every bf16 operation converts to and from fp32 in software: a training
+    iteration took seconds (5.6 s on an AVX2-only CPU), which measures the emulation, not BLV.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return f"cannot tell whether this CPU computes bf16 natively ({cpuinfo} is not readable)"
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, aarch64
+            flags.update(value.split())
+    if flags.intersection(NATIVE_BF16_FLAGS):
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"this CPU has no native bf16 (none of {', '.join(NATIVE_BF16_FLAGS)} in {cpuinfo}; torch's CPU "
+        f"capability: {capability}): bf16 runs emulated, seconds per iteration"
+    )
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,14 +1,16 @@
 """Micro-benchmark of the BLV loss against its peers and the copy-bandwidth floor.
 
-    python -m benchmarks.loss [--quick] [--out DIR]
+    python -m benchmarks.loss [--quick | --full] [--out DIR]
 
 Times forward and forward+backward of every provider on segmentation and classification
 shapes, with the median and 20%/80% quantiles, the peak extra memory, the floor's byte count
 (the logits read once, the gradient written once, the labels read), its GB/s and its share of
-the device-to-device copy bandwidth measured in the same run. Writes ``loss.json`` and PNG
-plots to DIR and prints a table. On the CPU the shapes shrink (``--size small``) and the GPU
-providers are reported as skipped, each with its reason; no provider is ever left out. The CPU
-kernel's baselines beside F.cross_entropy:
+the device-to-device copy bandwidth measured in the same run. Prints a line per provider and
+case as it finishes and rewrites ``loss.json`` then; at the end prints a table and writes PNG
+plots to DIR. On the CPU the shapes shrink (``--size small``), the default is a short profile
+of the CPU kernel's baselines (``--full``: every case), and the GPU providers are reported as
+skipped, each with its reason; no provider is ever left out. The CPU kernel's baselines beside
+F.cross_entropy:
 
     python -m benchmarks.loss --device cpu --shapes cityscapes-cpu,classification-n8 --dtypes fp32,bf16
 """
@@ -31,12 +33,14 @@ from .common import (
     DTYPES,
     IGNORE_INDEX,
     SIGMA,
+    at_least,
     bench,
     blv_backend_problem,
     class_counts,
     copy_bandwidth,
     environment,
     host_loop,
+    log,
     peak_extra_memory,
     resolve_device,
     stamp_line,
@@ -75,6 +79,11 @@ QUICK_CASES = (
 )  # fmt: skip
 # torch.compile costs 10 s or more per shape and dtype: --quick compiles the baseline rows only.
 QUICK_COMPILE_CASES = QUICK_CASES[:4]
+# The CPU's default: the CPU kernel's baselines and one case with many classes, a minute or two
+# on 2 cores (the whole grid with its compiles takes an hour there); one compiled case.
+CPU_CASES = (("cityscapes-cpu", "fp32"), ("cityscapes-cpu", "bf16"), ("classification-n8", "fp32"), ("ade20k", "fp32"))
+CPU_COMPILE_CASES = CPU_CASES[:1]
+CPU_REPS = 5
 # A compiled case starts only with this much of --budget-s left: a cold inductor compile (tens of
 # seconds) would overrun the slack the GPU check leaves past the budget and get the run killed.
 COMPILE_RESERVE_S = 45.0
@@ -176,8 +185,12 @@ def case_problem(provider: str, case: dict, args, device: torch.device) -> str |
         limit = RELEASED_MAX_NUMEL["quick" if args.quick else "full"]
         if math.prod(case["shape"]) > limit:
             return f"the released approach is timed only up to {limit:,} elements (seconds per call)"
-    if provider == "reference_compile" and args.quick and (case["case"], case["dtype"]) not in QUICK_COMPILE_CASES:
-        return "--quick compiles only the fused-kernel issue's baseline rows (each compile takes 10 s or more)"
+    if provider == "reference_compile":
+        key = (case["case"], case["dtype"])
+        if args.profile == "quick" and key not in QUICK_COMPILE_CASES:
+            return "--quick compiles only the fused-kernel issue's baseline rows (each compile takes 10 s or more)"
+        if args.profile == "cpu" and key not in CPU_COMPILE_CASES:
+            return "the CPU profile compiles one case (each compile takes 10 s or more; --full compiles every case)"
     return None
 
 
@@ -263,14 +276,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where loss.json and plots go")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--size", choices=("full", "small", "tiny"), help="default: full on a GPU, small on the CPU")
-    parser.add_argument("--quick", action="store_true", help="the cases of the GPU check (fits its time budget)")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--quick", action="store_true", help="the cases of the GPU check (fits its time budget)")
+    profile.add_argument(
+        "--full", action="store_true", help="every case, on a CPU too (default there: a short profile)"
+    )
     parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)}")
     parser.add_argument("--dtypes", help=f"comma-separated subset of {','.join(DTYPES)}")
     parser.add_argument("--providers", help=f"comma-separated subset of {','.join(PROVIDERS)} (others: skipped)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
-    parser.add_argument("--reps", type=int, default=10, help="timed calls per measurement on the CPU")
+    parser.add_argument(
+        "--reps", type=at_least(1), help=f"timed calls per measurement on the CPU (default 10; CPU profile {CPU_REPS})"
+    )
     parser.add_argument("--budget-s", type=float, default=math.inf, help="skip what is left after this many seconds")
-    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     args = parser.parse_args(argv)
     for option, known in (("shapes", SHAPES), ("dtypes", DTYPES), ("providers", PROVIDERS)):
         value = getattr(args, option)
@@ -283,16 +302,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def choose_profile(args, device: torch.device) -> str:
+    """Which cases run: "custom" (--shapes/--dtypes), "quick", "cpu" (a CPU's default) or "full"."""
+    if args.shapes is not None or args.dtypes is not None:
+        return "custom"
+    if args.quick:
+        return "quick"
+    return "cpu" if device.type == "cpu" and not args.full else "full"
+
+
 def select_cases(args) -> list[tuple[str, str]]:
-    if args.quick and args.shapes is None and args.dtypes is None:
+    """The (shape, dtype) cases of ``args.profile``, in the order they run."""
+    if args.profile == "quick":
         return list(QUICK_CASES)
+    if args.profile == "cpu":
+        return list(CPU_CASES)
     return [(s, d) for s in args.shapes or SHAPES for d in args.dtypes or DTYPES]
+
+
+def progress_line(rows: list[dict]) -> str:
+    """One provider on one case, as it finishes: both passes' medians, or why it was not timed."""
+    fwd, fwd_bwd = rows
+    case = f"{fwd['case']}-{fwd['dtype']}"
+    what = f"  {case:<24} {'x'.join(map(str, fwd['shape'])):<16} {PROVIDERS[fwd['provider']].label:<18}"
+    if fwd_bwd["status"] != "ok":
+        return f"{what} {fwd_bwd['status']}: {fwd_bwd['reason']}"
+    return f"{what} fwd {fwd['ms']:.3f} ms, fwd+bwd {fwd_bwd['ms']:.3f} ms"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     size = args.size or ("full" if device.type == "cuda" else "small")
+    args.profile = choose_profile(args, device)
+    args.reps = args.reps or (CPU_REPS if args.profile == "cpu" else 10)
     start = time.perf_counter()
 
     problems = {}  # provider -> why it is not timed anywhere in this run
@@ -301,16 +344,16 @@ def main(argv=None) -> int:
             problems[provider] = "not selected (--providers)"
         elif spec.blv_backend is not None:
             problems[provider] = blv_backend_problem(spec.blv_backend, device)
-    note = f"{device.type} run, {size} shapes"
+    note = f"{device.type} run, {size} shapes, {args.profile} profile"
     if size != "full":
         note += " (scaled down from the GPU shapes: these are not the real sizes)"
     if device.type != "cuda":
         note += "; GPU-only providers are skipped"
 
     data = {
-        "meta": {**environment(device), "benchmark": "loss", "size": size, "quick": args.quick, "note": note,
-                 "sigma": SIGMA, "ignore_index": IGNORE_INDEX, "compile_backend": args.compile_backend,
-                 "quantiles": [0.5, 0.2, 0.8], "result_fields": list(RESULT_FIELDS)},
+        "meta": {**environment(device), "benchmark": "loss", "size": size, "quick": args.quick, "profile": args.profile,
+                 "note": note, "sigma": SIGMA, "ignore_index": IGNORE_INDEX, "compile_backend": args.compile_backend,
+                 "reps": args.reps, "quantiles": [0.5, 0.2, 0.8], "result_fields": list(RESULT_FIELDS)},
         "copy_bandwidth": copy_bandwidth(device, reps=args.reps),
         "providers": {name: {"label": spec.label, "description": spec.description, "available": problems.get(name) is None,
                              "reason": problems.get(name)} for name, spec in PROVIDERS.items()},
@@ -318,6 +361,11 @@ def main(argv=None) -> int:
                    "layout": "channels_last" if SHAPES[s].channels_last else "contiguous"} for s, d in select_cases(args)],
         "results": [],
     }  # fmt: skip
+    log(f"BLV loss micro-benchmark | {stamp_line(data['meta'])}")
+    log(f"{note}; {len(data['cases'])} cases")
+    for provider, problem in problems.items():
+        if problem is not None:
+            log(f"  {PROVIDERS[provider].label}: skipped everywhere: {problem}")
     copy_gbps = data["copy_bandwidth"]["gbps"]
     out_json = args.out / "loss.json"
     failed = False
@@ -336,22 +384,28 @@ def main(argv=None) -> int:
                     if reserve:
                         reason += f"; a compile starts only with {reserve:.0f} s of it left"
                 if reason is not None:
-                    data["results"] += [record(provider, case, p, copy_gbps, "skipped", reason) for p in PASSES]
-                    continue
-                try:
-                    loss_fn = make_loss(provider, logits.shape[1], device, args.compile_backend)
-                    data["results"] += run_case(provider, case, loss_fn, logits, target, args, device, copy_gbps)
-                except Exception as error:  # one provider failing must not lose the others' results
-                    failed = True
-                    message = f"{type(error).__name__}: {error}".splitlines()[0]
-                    data["results"] += [record(provider, case, p, copy_gbps, "failed", message) for p in PASSES]
-                logits.grad = None
+                    rows = [record(provider, case, p, copy_gbps, "skipped", reason) for p in PASSES]
+                else:
+                    try:
+                        loss_fn = make_loss(provider, logits.shape[1], device, args.compile_backend)
+                        rows = run_case(provider, case, loss_fn, logits, target, args, device, copy_gbps)
+                    except Exception as error:  # one provider failing must not lose the others' results
+                        failed = True
+                        message = f"{type(error).__name__}: {error}".splitlines()[0]
+                        rows = [record(provider, case, p, copy_gbps, "failed", message) for p in PASSES]
+                    logits.grad = None
+                data["results"] += rows
+                if problems.get(provider) is None:  # those skipped everywhere were said once, above
+                    log(progress_line(rows))
+                    add_speedups(data["results"])
+                    write_json(out_json, data)
             del logits, target
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            add_speedups(data["results"])
-            write_json(out_json, data)
+    add_speedups(data["results"])
+    write_json(out_json, data)
 
+    log("")
     print_table(data)
     print(f"\nwrote {out_json}")
     if not args.no_plots:

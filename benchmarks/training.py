@@ -6,8 +6,12 @@ Full iterations (forward, loss, backward, SGD step) of torchvision's DeepLabV3-R
 FCN-ResNet50) at a Cityscapes crop, or of a self-contained encoder-decoder where torchvision is
 not installed, with plain cross-entropy, the BLV reference and the fused BLV backends, in fp32
 and bf16 autocast. The losses take turns within each round, so drift of the clocks hits them
-alike; the rounds' spread is the run-to-run noise an overhead must be read against. Printed
-like the supplement's Table 4; written to ``training.json``.
+alike; the rounds' spread is the run-to-run noise an overhead must be read against. Each
+precision's row is printed and ``training.json`` rewritten as soon as it is measured; the whole
+table, laid out like the supplement's Table 4, comes last.
+
+On a CPU the default is a short profile (small input, 3 rounds of 2 iterations), and bf16
+autocast is skipped where the CPU has no native bf16 (``--precisions amp_bf16`` times it anyway).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from blv_kernels import BLVLoss
 from .common import (
     IGNORE_INDEX,
     SIGMA,
+    at_least,
     blv_backend_problem,
     class_counts,
+    cpu_bf16_problem,
     environment,
+    log,
     resolve_device,
     stamp_line,
     synchronize,
@@ -43,8 +50,12 @@ LOSSES = {  # name -> (label, blv_kernels backend or None for plain cross-entrop
     "blv_reference": ("BLV reference", "reference"),
     "blv_triton": ("BLV Triton", "triton"),
     "blv_cuda": ("BLV CUDA C++", "cuda"),
+    "blv_cpu": ("BLV CPU C++", "cpu"),
 }
 PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16}  # autocast dtype
+# (rounds, iterations per round, warm-up iterations per loss) by default: a GPU run, the GPU
+# check's --quick, and the CPU's short profile (an iteration there takes about a second)
+PROFILES = {"gpu": (10, 5, 3), "quick": (6, 3, 3), "cpu": (3, 2, 1)}
 MODELS = ("auto", "deeplabv3_resnet50", "fcn_resnet50", "encdec")
 RESULT_FIELDS = (
     "precision", "loss", "status", "reason", "ms_per_iter", "ms_p20", "ms_p80", "overhead_pct", "rounds",
@@ -167,26 +178,51 @@ def table4(data: dict) -> str:
     table = [["precision", *(label for label, _ in LOSSES.values()), "spread"]]
     for precision in PRECISIONS:
         rows = {r["loss"]: r for r in data["results"] if r["precision"] == precision}
-        if not rows:
-            continue
-        cells = []
-        for loss in LOSSES:
-            r = rows[loss]
-            if r["status"] != "ok":
-                cells.append(r["status"])
-                continue
-            cell = f"{r['ms_per_iter']:.1f} [{r['ms_p20']:.1f}, {r['ms_p80']:.1f}]"
-            if r["overhead_pct"] is not None and loss != "cross_entropy":
-                cell += f" ({r['overhead_pct']:+.1f}%)"
-            cells.append(cell)
-        base = rows["cross_entropy"]
-        spread = f"{100 * (base['ms_p80'] - base['ms_p20']) / base['ms_per_iter']:.1f}%" if base["ms_per_iter"] else "-"
-        table.append([precision, *cells, spread])
+        if rows:
+            table.append(table4_cells(precision, rows))
     widths = [max(len(row[i]) for row in table) + 3 for i in range(len(table[0]))]
     lines += ["".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in table]
-    skipped = {r["loss"]: r["reason"] for r in data["results"] if r["status"] != "ok"}
-    lines += [f"  {LOSSES[loss][0]}: {reason}" for loss, reason in skipped.items()]
+    lines += skip_reasons(data["results"])
     return "\n".join(lines)
+
+
+def skip_reasons(results: list[dict]) -> list[str]:
+    """Why rows were not timed, each reason once: per precision when no loss ran in it, else per loss."""
+    lines, by_loss = [], {}
+    precisions = list(dict.fromkeys(r["precision"] for r in results))
+    for precision in precisions:
+        rows = [r for r in results if r["precision"] == precision]
+        reasons = {r["reason"] for r in rows}
+        if all(r["status"] != "ok" for r in rows) and len(reasons) == 1:
+            lines.append(f"  {precision}: {reasons.pop()}")
+            continue
+        for r in rows:
+            if r["status"] != "ok":
+                by_loss.setdefault((r["loss"], r["reason"]), []).append(precision)
+    for (loss, reason), where in by_loss.items():
+        scope = "" if where == precisions else f" ({', '.join(where)})"
+        lines.append(f"  {LOSSES[loss][0]}{scope}: {reason}")
+    return lines
+
+
+def table4_cells(precision: str, rows: dict[str, dict]) -> list[str]:
+    """One precision's row of Table 4: ms/iteration and overhead per loss, then the baseline's spread."""
+    cells = []
+    for loss in LOSSES:
+        r = rows.get(loss)
+        if r is None:  # a training.json written before this loss was benchmarked
+            cells.append("-")
+            continue
+        if r["status"] != "ok":
+            cells.append(r["status"])
+            continue
+        cell = f"{r['ms_per_iter']:.1f} [{r['ms_p20']:.1f}, {r['ms_p80']:.1f}]"
+        if r["overhead_pct"] is not None and loss != "cross_entropy":
+            cell += f" ({r['overhead_pct']:+.1f}%)"
+        cells.append(cell)
+    base = rows["cross_entropy"]
+    spread = f"{100 * (base['ms_p80'] - base['ms_p20']) / base['ms_per_iter']:.1f}%" if base["ms_per_iter"] else "-"
+    return [precision, *cells, spread]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,21 +233,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--model", choices=MODELS, default="auto", help="auto: DeepLabV3-ResNet50 if torchvision is installed"
     )
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (the GPU check's setting)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per loss (default 10, --quick 6)")
-    parser.add_argument("--iters", type=int, help="iterations per round (default 5, --quick 3)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations per loss first")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--quick", action="store_true", help="fewer rounds (the GPU check's setting)")
+    profile.add_argument(
+        "--full", action="store_true", help="on a CPU too: the GPU's rounds and iterations, not the short profile"
+    )
+    parser.add_argument("--rounds", type=at_least(1), help="timed rounds per loss (default 10, --quick 6, CPU 3)")
+    parser.add_argument("--iters", type=at_least(1), help="iterations per round (default 5, --quick 3, CPU 2)")
+    parser.add_argument("--warmup", type=at_least(0), help="untimed iterations per loss first (default 3, CPU 1)")
+    parser.add_argument(
+        "--precisions",
+        help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all; on a CPU without native bf16: fp32)",
+    )
     parser.add_argument("--budget-s", type=float, default=math.inf, help="cut rounds, then precisions, after this")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (6 if args.quick else 10)
-    args.iters = args.iters or (3 if args.quick else 5)
+    if args.precisions is not None:
+        args.precisions = args.precisions.split(",")
+        unknown = sorted(set(args.precisions) - set(PRECISIONS))
+        if unknown:
+            parser.error(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
     return args
+
+
+def choose_profile(args, device: torch.device) -> tuple[str, tuple[int, int, int]]:
+    """The profile's name and its (rounds, iterations per round, warm-up), each overridable by its option."""
+    name = "quick" if args.quick else "cpu" if device.type == "cpu" and not args.full else "gpu"
+    defaults = PROFILES[name]
+    chosen = tuple(
+        given or default for given, default in zip((args.rounds, args.iters, args.warmup), defaults, strict=True)
+    )
+    return name, chosen
+
+
+def precision_problems(args, device: torch.device) -> dict[str, str | None]:
+    """Why each precision is not timed in this run, or None."""
+    problems = {}
+    for precision, amp_dtype in PRECISIONS.items():
+        if args.precisions is not None:
+            problems[precision] = None if precision in args.precisions else "not selected (--precisions)"
+        elif amp_dtype == torch.bfloat16 and device.type == "cpu":
+            bf16 = cpu_bf16_problem()
+            problems[precision] = None if bf16 is None else f"bf16 autocast skipped: {bf16}"
+        else:
+            problems[precision] = None
+    return problems
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     size = args.size or ("full" if device.type == "cuda" else "small")
+    profile_name, (args.rounds, args.iters, args.warmup) = choose_profile(args, device)
     model_name = resolve_model(args.model)
     start = time.perf_counter()
     deadline = start + args.budget_s
@@ -223,7 +295,8 @@ def main(argv=None) -> int:
     labels[:, : height // 10] = IGNORE_INDEX  # a band of void pixels, as Cityscapes' ego vehicle
 
     problems = {loss: backend and blv_backend_problem(backend, device) for loss, (_, backend) in LOSSES.items()}
-    note = f"{device.type} run, {size} input"
+    skipped_precisions = precision_problems(args, device)
+    note = f"{device.type} run, {size} input, {profile_name} profile ({args.rounds} rounds of {args.iters} iterations)"
     if size != "full":
         note += " (scaled down from the 512x1024 crop: not the real cost)"
     if model_name == "encdec":
@@ -231,24 +304,32 @@ def main(argv=None) -> int:
     data = {
         "meta": {**environment(device), "benchmark": "training", "model": model_name, "input": [batch, height, width],
                  "num_classes": NUM_CLASSES, "sigma": SIGMA, "optimizer": "SGD(lr=0.01, momentum=0.9, wd=5e-4)",
-                 "size": size, "quick": args.quick, "warmup": args.warmup, "note": note,
+                 "size": size, "quick": args.quick, "profile": profile_name, "rounds": args.rounds,
+                 "iters_per_round": args.iters, "warmup": args.warmup, "note": note,
                  "result_fields": list(RESULT_FIELDS)},
         "results": [],
     }  # fmt: skip
+    log(f"Training time per iteration, {model_name}, batch {batch}x3x{height}x{width} | {stamp_line(data['meta'])}")
+    log(note)
+    for loss, problem in problems.items():
+        if problem is not None:
+            log(f"  {LOSSES[loss][0]}: skipped: {problem}")
     model = build_model(model_name).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     failed = False
     for precision, amp_dtype in PRECISIONS.items():
         rows = {loss: dict.fromkeys(RESULT_FIELDS) | {"precision": precision, "loss": loss} for loss in LOSSES}
-        active = {loss: make_criterion(loss, device) for loss in LOSSES if problems[loss] is None}
-        over_budget = time.perf_counter() > deadline
+        skip_all = skipped_precisions[precision]
+        if skip_all is None and time.perf_counter() > deadline:
+            skip_all = f"time budget of {args.budget_s:.0f} s used up (--budget-s)"
         for loss, row in rows.items():
             if problems[loss] is not None:
                 row.update(status="skipped", reason=problems[loss])
-            elif over_budget:
-                row.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up (--budget-s)")
+            elif skip_all is not None:
+                row.update(status="skipped", reason=skip_all)
+        active = {loss: make_criterion(loss, device) for loss, row in rows.items() if row["status"] is None}
         try:
-            if not over_budget:
+            if active:
                 per_round = time_precision(model, optimizer, active, images, labels, amp_dtype, args, device, deadline)
                 for loss, times in per_round.items():
                     median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
@@ -259,7 +340,7 @@ def main(argv=None) -> int:
                     )  # fmt: skip
                 base = rows["cross_entropy"]["ms_per_iter"]
                 for row in rows.values():
-                    if row["status"] == "ok":
+                    if row["status"] == "ok" and base is not None:
                         row["overhead_pct"] = 100 * (row["ms_per_iter"] / base - 1)
         except Exception as error:  # report it with the other rows, then try the next precision
             failed = True
@@ -269,8 +350,15 @@ def main(argv=None) -> int:
                     row.update(status="failed", reason=message)
         data["results"] += rows.values()
         write_json(args.out / "training.json", data)
-    print(table4(data))
-    print(f"\nwrote {args.out / 'training.json'}")
+        if skip_all is not None:
+            log(f"  {precision}: skipped: {skip_all}")
+        else:
+            headers = ["precision", *(label for label, _ in LOSSES.values()), "spread"]
+            cells = table4_cells(precision, rows)
+            log("  " + " | ".join(f"{header}: {cell}" for header, cell in zip(headers, cells, strict=True)))
+    log("")
+    log(table4(data))
+    log(f"\nwrote {args.out / 'training.json'}")
     return 1 if failed else 0
 
 

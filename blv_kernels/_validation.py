@@ -1,7 +1,9 @@
-"""Argument checks shared by every backend: each bad input gets an error that names it."""
+"""Argument checks shared by every backend and the integrations: each bad input gets an error that
+names it; numpy scalars are numbers."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -141,3 +143,33 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
     target = target.long()  # compare in int64: uint8 comparisons with a Python int wrap around
     bad = invalid_target_mask(target, num_classes, ignore_index)
     raise_or_assert_no_bad_labels(bad.sum(), lambda: target[bad][0], num_classes, ignore_index)
+
+
+def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int (Python or numpy integer; not a bool) within [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = [] if minimum is None else [f">= {minimum}"]
+        bounds += [] if maximum is None else [f"<= {maximum}"]
+        raise ValueError(f"{name} must be an integer {' and '.join(bounds)}, got {value}")
+    return value
+
+
+def real(name: str, value, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None):
+    """``value`` as a finite float (Python or numpy number; not a bool) in [minimum, maximum] or [minimum, below)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    inside = math.isfinite(number)
+    inside &= minimum is None or number >= minimum
+    inside &= maximum is None or number <= maximum
+    inside &= below is None or number < below
+    if not inside:
+        bounds = [] if minimum is None else [f">= {minimum}"]
+        bounds += [] if maximum is None else [f"<= {maximum}"]
+        bounds += [] if below is None else [f"< {below}"]
+        within = f" {' and '.join(bounds)}" if bounds else ""
+        raise ValueError(f"{name} must be a finite number{within}, got {value!r}")
+    return number

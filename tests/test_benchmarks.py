@@ -14,7 +14,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
 
 import blv_kernels  # noqa: E402
-from benchmarks import common, loss, summary, training  # noqa: E402
+from benchmarks import common, loss, plots, summary, training  # noqa: E402
 
 # Spelled out here, not read from the module: a provider or field the code stops emitting must fail.
 PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda", "cpu")
@@ -24,7 +24,7 @@ LOSS_FIELDS = {
     "speedup_vs_cross_entropy",
 }  # fmt: skip
 META_FIELDS = {"device", "torch", "triton", "commit", "date", "note"}
-TRAINING_LOSSES = ("cross_entropy", "blv_reference", "blv_triton", "blv_cuda")
+TRAINING_LOSSES = ("cross_entropy", "blv_reference", "blv_triton", "blv_cuda", "blv_cpu")
 TRAINING_FIELDS = {"precision", "loss", "status", "reason", "ms_per_iter", "ms_p20", "ms_p80", "overhead_pct"}
 # one NCHW, one channels_last and one (N, C) case, in two dtypes; aot_eager: compiling with
 # inductor on 2 cores would take a minute, and what is tested here is the harness
@@ -85,11 +85,21 @@ def test_gpu_providers_are_skipped_with_a_reason(loss_run):
     assert "Triton interpreter" in data["providers"]["triton"]["reason"]
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header.startswith(b"\x89PNG")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")  # IHDR width, height
+
+
 def test_loss_table_plots_and_summary(loss_run, capsys):
     out, data = loss_run
     pytest.importorskip("matplotlib")
     for name in ("loss_time.png", "loss_bandwidth.png"):
-        assert (out / name).read_bytes().startswith(b"\x89PNG")
+        width, height = _png_size(out / name)
+        assert 0.5 <= width / height <= 2.5 and width <= 1500  # readable on a screen, not a strip
+    notes = plots.not_timed_notes(data)  # written under the plots
+    assert [n.split(":")[0] for n in notes] == [data["providers"][p]["label"] for p in ("triton", "cuda")]
+    assert all("not timed (" in n for n in notes)
     assert summary.main([str(out)]) == 0
     printed = capsys.readouterr().out
     for provider in PROVIDERS:
@@ -120,30 +130,99 @@ def test_case_grids_cover_the_issue():
     )
     assert any(spec.channels_last for spec in loss.SHAPES.values())
     assert {(2, 19, 256, 256), (8, 1000)} <= {spec.small for spec in loss.SHAPES.values()}  # the CPU kernel's baselines
-    args = loss.parse_args([])
-    assert len(loss.select_cases(args)) == len(loss.SHAPES) * 3
-    quick = loss.select_cases(loss.parse_args(["--quick"]))
+
+    def cases(argv, device):
+        args = loss.parse_args(argv)
+        args.profile = loss.choose_profile(args, torch.device(device))
+        return loss.select_cases(args)
+
+    assert len(cases([], "cuda")) == len(cases(["--full"], "cpu")) == len(loss.SHAPES) * 3
+    quick = cases(["--quick"], "cuda")
     assert quick[:4] == list(loss.QUICK_COMPILE_CASES)
     assert {d for _, d in quick} == {"fp32", "bf16", "fp16"}
+    assert cases([], "cpu") == list(loss.CPU_CASES)  # the short profile by default on a CPU
+    assert cases(["--shapes", "ade20k", "--dtypes", "fp16"], "cpu") == [("ade20k", "fp16")]
 
 
-def test_training_benchmark_table4(tmp_path, capsys):
-    argv = ["--device", "cpu", "--size", "tiny", "--model", "encdec", "--rounds", "2", "--iters", "1",
-            "--warmup", "1", "--out", str(tmp_path)]  # fmt: skip
-    assert training.main(argv) == 0
+def test_loss_prints_and_writes_each_case_as_it_finishes(tmp_path, monkeypatch, capsys):
+    """The CPU's default profile; every provider and case is printed and loss.json rewritten as it finishes,
+    so a run cut short keeps (and has shown) what it measured."""
+    rows_written = []
+    write_json = loss.write_json
+    monkeypatch.setattr(loss, "write_json", lambda path, data: (rows_written.append(len(data["results"])),
+                                                                 write_json(path, data)))  # fmt: skip
+    argv = ["--device", "cpu", "--size", "tiny", "--reps", "1", "--providers", "cross_entropy,reference_compile",
+            "--compile-backend", "aot_eager", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    assert loss.main(argv) == 0
+    data = json.loads((tmp_path / "loss.json").read_text())
+    assert data["meta"]["profile"] == "cpu" and data["meta"]["reps"] == 1
+    assert [(c["case"], c["dtype"]) for c in data["cases"]] == list(loss.CPU_CASES)
+    # after F.cross_entropy's and the compiled reference's two rows on each case, then once at the end
+    assert len(rows_written) == 2 * len(loss.CPU_CASES) + 1 and rows_written == sorted(rows_written)
+    assert rows_written[0] == 2 and rows_written[-1] == len(data["results"])
+    compiled = {(r["case"], r["dtype"]): r for r in data["results"] if r["provider"] == "reference_compile"}
+    assert [k for k, r in compiled.items() if r["status"] == "ok"] == list(loss.CPU_COMPILE_CASES)
+    assert all("the CPU profile compiles one case" in r["reason"] for r in compiled.values() if r["status"] != "ok")
+    printed = capsys.readouterr().out.splitlines()
+    progress = [line for line in printed if "F.cross_entropy" in line and "fwd+bwd" in line and " ms" in line]
+    assert len(progress) == len(loss.CPU_CASES)
+    assert printed.index(progress[-1]) < printed.index(
+        next(line for line in printed if line.startswith("copy bandwidth"))
+    )
+
+
+def test_cpu_bf16_detection(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert "no native bf16" in common.cpu_bf16_problem(cpuinfo)
+    cpuinfo.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert common.cpu_bf16_problem(cpuinfo) is None
+    cpuinfo.write_text("Features\t: fp asimd bf16 i8mm\n")  # aarch64
+    assert common.cpu_bf16_problem(cpuinfo) is None
+    assert "cannot tell" in common.cpu_bf16_problem(tmp_path / "missing")
+
+
+TRAINING_ARGS = ["--device", "cpu", "--size", "tiny", "--model", "encdec", "--rounds", "2", "--iters", "1",
+                 "--warmup", "1"]  # fmt: skip
+
+
+def test_training_benchmark_table4(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(training, "cpu_bf16_problem", lambda: None)  # time bf16 autocast whatever this CPU has
+    assert training.main([*TRAINING_ARGS, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "w/o BLV" in printed and "BLV reference" in printed
+    # each precision's row as soon as it is measured, before the whole table
+    assert printed.index("precision: fp32 |") < printed.index("precision: amp_bf16 |") < printed.index("precision   ")
     data = json.loads((tmp_path / "training.json").read_text())
     assert META_FIELDS <= set(data["meta"]) and data["meta"]["model"] == "encdec"
     rows = {(r["precision"], r["loss"]): r for r in data["results"]}
     assert set(rows) == {(p, loss_) for p in ("fp32", "amp_bf16") for loss_ in TRAINING_LOSSES}
+    cpu_kernel = blv_kernels.backends.BACKENDS["cpu"].why_not("cpu", torch.float32) is None
     for (_, loss_), row in rows.items():
         assert TRAINING_FIELDS <= set(row)
-        if loss_ in ("cross_entropy", "blv_reference"):
+        if loss_ in ("cross_entropy", "blv_reference") or (loss_ == "blv_cpu" and cpu_kernel):
             assert row["status"] == "ok" and row["ms_per_iter"] > 0 and row["rounds"] == 2
         else:
             assert row["status"] == "skipped" and row["reason"]
     assert rows["fp32", "cross_entropy"]["overhead_pct"] == 0
+
+
+def test_training_skips_bf16_autocast_without_native_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "cpu_bf16_problem", lambda: "this CPU has no native bf16 (test)")
+    assert training.choose_profile(training.parse_args(["--device", "cpu"]), torch.device("cpu")) == ("cpu", (3, 2, 1))
+    argv = [*TRAINING_ARGS, "--out", str(tmp_path)]
+    assert training.main(argv) == 0
+    rows = {(r["precision"], r["loss"]): r for r in json.loads((tmp_path / "training.json").read_text())["results"]}
+    assert rows["fp32", "cross_entropy"]["status"] == "ok"
+    for loss_ in TRAINING_LOSSES:
+        assert rows["amp_bf16", loss_]["status"] == "skipped"
+        if loss_ in ("cross_entropy", "blv_reference"):
+            assert rows["amp_bf16", loss_]["reason"] == "bf16 autocast skipped: this CPU has no native bf16 (test)"
+    # asked for by name, it is timed all the same
+    assert training.main([*argv, "--precisions", "amp_bf16"]) == 0
+    rows = {(r["precision"], r["loss"]): r for r in json.loads((tmp_path / "training.json").read_text())["results"]}
+    assert rows["amp_bf16", "cross_entropy"]["status"] == "ok"
+    assert rows["fp32", "cross_entropy"]["reason"] == "not selected (--precisions)"
 
 
 def test_training_falls_back_without_torchvision(monkeypatch):

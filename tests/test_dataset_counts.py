@@ -1,13 +1,23 @@
 """Class counts from label maps: tensors and arrays, label files (PNG, .npy), the JSON format."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from blv_kernels import BLVLoss, class_weights
-from blv_kernels.integrations import count_classes, count_label_files, load_counts, read_label, save_counts
+from blv_kernels.integrations import (
+    ClassCounter,
+    count_classes,
+    count_label_files,
+    find_label_files,
+    load_counts,
+    read_label,
+    save_counts,
+)
+from blv_kernels.integrations.dataset_counts import MAX_CLASSES
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install 'blv_kernels[data]')")
 
@@ -42,8 +52,120 @@ def test_count_classes_rejects_out_of_range_labels(rng):
         count_classes(maps, 6)
     with pytest.raises(ValueError, match="must hold integers"):
         count_classes([torch.rand(3, 3, generator=rng)], 6)
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
         count_classes(maps, 0)
+    with pytest.raises(ValueError, match=f"num_classes must be an integer >= 1 and <= {MAX_CLASSES}"):
+        count_classes(maps, 10**9)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        count_classes(maps, 6, ignore_index=255.0)
+
+
+def test_numpy_scalar_arguments(rng):
+    maps = _labels(rng)
+    assert count_classes(maps, np.int64(6), ignore_index=np.uint8(255)) == _expected(maps, 6)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 3])
+def test_ignore_index_inside_the_classes_is_not_counted(rng, tmp_path, ignore_index):
+    """An ignore label inside [0, C) (e.g. ADE20K's 0 as "other") is excluded everywhere, as ClassCounter does."""
+    maps = [torch.randint(0, 6, (7, 9), generator=rng, dtype=torch.uint8) for _ in range(3)]
+    expected = _expected(maps, 6, ignore_index=ignore_index)
+    assert expected[ignore_index] == 0 and sum(expected) > 0
+    assert count_classes(maps, 6, ignore_index=ignore_index) == expected
+    counter = ClassCounter(6, ignore_index=ignore_index)
+    for label in maps:
+        counter.update(label)
+    assert counter.counts().long().tolist() == expected
+    for i, label in enumerate(maps):
+        Image.fromarray(label.numpy()).save(tmp_path / f"{i}.png")
+    result = count_label_files(sorted(tmp_path.iterdir()), 6, ignore_index, workers=1, progress=False)
+    assert result.counts == expected and result.out_of_range == {}
+
+
+def test_values_beyond_int64_are_reported_as_they_are(rng, tmp_path):
+    label = torch.randint(0, 6, (5, 8), generator=rng).numpy().astype(np.uint64)
+    huge = 2**63 + int(torch.randint(0, 2**62, (), generator=rng))
+    label[0, :3] = huge
+    np.save(tmp_path / "huge.npy", label)
+    result = count_label_files([tmp_path / "huge.npy"], 6, 255, workers=1, progress=False)
+    assert result.out_of_range == {str(tmp_path / "huge.npy"): {huge: 3}}
+    label[0, :3] = 255
+    assert result.counts == _expected([torch.from_numpy(label.astype(np.int64))], 6)
+
+
+def test_many_classes_are_counted_sparsely(rng, tmp_path):
+    """The bound on the classes (a count per class is written out) and no per-file array of C counts."""
+    values = torch.randint(0, MAX_CLASSES, (4, 50), generator=rng)
+    for i, label in enumerate(values):
+        np.save(tmp_path / f"{i}.npy", label.numpy().astype(np.int32).reshape(5, 10))
+    result = count_label_files(sorted(tmp_path.iterdir()), MAX_CLASSES, -1, workers=2, progress=False)
+    assert result.counts == torch.bincount(values.flatten(), minlength=MAX_CLASSES).tolist()
+    with pytest.raises(ValueError, match=f"<= {MAX_CLASSES}"):
+        count_label_files(sorted(tmp_path.iterdir()), MAX_CLASSES + 1, workers=1, progress=False)
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        count_label_files(sorted(tmp_path.iterdir()), 6, workers=0, progress=False)
+
+
+def test_one_bit_masks_are_labels_0_and_1(rng, tmp_path):
+    mask = (torch.rand(9, 14, generator=rng) < 0.3).numpy()
+    Image.fromarray(mask).convert("1").save(tmp_path / "mask.png")
+    assert Image.open(tmp_path / "mask.png").mode == "1"
+    np.testing.assert_array_equal(read_label(tmp_path / "mask.png"), mask.astype(np.uint8))
+    result = count_label_files([tmp_path / "mask.png"], 2, workers=1, progress=False)
+    assert result.counts == [int((~mask).sum()), int(mask.sum())]
+
+
+def _cityscapes_tree(root, rng, kinds):
+    """gtFine-like files: city/frame_gtFine{kind}.png for each kind."""
+    for city in ("aachen", "bochum"):
+        (root / city).mkdir(parents=True)
+        for frame in range(2):
+            for kind in kinds:
+                label = torch.randint(0, 19, (4, 6), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(label).save(root / city / f"{city}_{frame:06d}_gtFine{kind}.png")
+
+
+def test_find_label_files_refuses_several_cityscapes_kinds(rng, tmp_path):
+    _cityscapes_tree(tmp_path, rng, ["_labelTrainIds", "_labelIds", "_color", "_instanceIds"])
+    with pytest.raises(ValueError, match="label maps of 4 kinds") as refused:
+        find_label_files(tmp_path)
+    for kind in ("_labelTrainIds", "_labelIds", "_color", "_instanceIds"):
+        assert f"4 *{kind}.png" in str(refused.value)
+    assert "'*_labelTrainIds.png'" in str(refused.value)  # what to pass instead
+    with pytest.raises(ValueError, match="label maps of 3 kinds"):
+        find_label_files(tmp_path, "*Ids.png")  # labelTrainIds, labelIds and instanceIds
+    train_ids = find_label_files(tmp_path, "*_labelTrainIds.png")
+    assert len(train_ids) == 4 and all(p.name.endswith("_gtFine_labelTrainIds.png") for p in train_ids)
+    assert train_ids == sorted(train_ids)
+
+
+def test_find_label_files_takes_one_kind_and_plain_names(rng, tmp_path):
+    _cityscapes_tree(tmp_path / "cityscapes", rng, ["_labelTrainIds"])
+    Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "ADE_train_00000001.png")
+    assert len(find_label_files(tmp_path)) == 5  # one Cityscapes kind beside other names: nothing mixed
+    with pytest.raises(ValueError, match="is not a directory"):
+        find_label_files(tmp_path / "ADE_train_00000001.png")
+    with pytest.raises(ValueError, match="no files matching"):
+        find_label_files(tmp_path, "*.npy")
+    with pytest.raises(ValueError, match="invalid pattern"):
+        find_label_files(tmp_path, "/abs/*.png")
+
+
+def test_missing_pillow_or_tqdm_fails_before_reading(rng, tmp_path, monkeypatch):
+    label = _labels(rng, n=1)[0].numpy()
+    for i in range(3):
+        Image.fromarray(label).save(tmp_path / f"{i}.png")
+    np.save(tmp_path / "3.npy", label)
+    paths = sorted(tmp_path.iterdir())
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    assert count_label_files(paths, 6, workers=1, progress=False).files_counted == 4  # no bar, no tqdm needed
+    with pytest.raises(ImportError, match="progress bar needs tqdm.*progress=False"):
+        count_label_files(paths, 6, workers=1, progress=True)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(ImportError, match="reading label images needs Pillow"):
+        count_label_files(paths, 6, workers=1, progress=False)
+    assert count_label_files(paths[3:], 6, workers=1, progress=False).counts == _expected([torch.from_numpy(label)], 6)
 
 
 def test_read_label_formats(rng, tmp_path):
@@ -88,3 +210,16 @@ def test_counts_json_round_trip_into_blv_loss(rng, tmp_path):
     path.write_text(json.dumps({"counts": counts}))
     with pytest.raises(ValueError, match="non-empty JSON list of non-negative integers"):
         load_counts(path)
+    path.write_text(json.dumps([True, *counts[1:]]))
+    with pytest.raises(ValueError, match="non-empty JSON list of non-negative integers"):
+        load_counts(path)
+
+
+def test_save_counts_never_leaves_half_a_file(rng, tmp_path):
+    counts = torch.randint(0, 10**6, (5,), generator=rng).tolist()
+    (tmp_path / "counts.json").mkdir()  # the rename onto a directory fails
+    with pytest.raises(OSError):
+        save_counts(counts, tmp_path / "counts.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["counts.json"]  # no temporary file left beside it
+    save_counts(counts, tmp_path / "other.json")
+    assert load_counts(tmp_path / "other.json") == counts

@@ -2,11 +2,13 @@
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -217,21 +219,171 @@ def test_class_weight_equals_mmseg_without_ignored_labels(rng, mmseg_cross_entro
         torch.testing.assert_close(loss_fn(logits, label), ref)
 
 
-def test_registered_in_mmseg_registry(monkeypatch, rng, tmp_path):
-    MODELS = pytest.importorskip("mmseg.registry", reason="mmsegmentation is not installed").MODELS
-    assert MODELS.module_dict["BLVLoss"] is MMSegBLVLoss
-    # MODELS.build first imports mmseg.models, which needs mmcv's compiled ops; mmcv-lite has none
-    monkeypatch.setattr(MODELS, "_imported", True)
+# Building from a config through the registry ---------------------------------------------
+
+# The README's config: custom_imports registers BLVLoss (and the hook) when the config is loaded.
+CONFIG = """
+custom_imports = dict(
+    imports=["blv_kernels.integrations.mmseg", "blv_kernels.integrations.hooks"], allow_failed_imports=False
+)
+model = dict(
+    decode_head=dict(
+        loss_decode=dict(
+            type="BLVLoss", class_counts={counts!r}, sigma=4.0, mode="abs", loss_weight=0.4, avg_non_ignore=True,
+            class_weight={class_weight!r}, loss_name="loss_blv",
+        )
+    )
+)
+custom_hooks = [dict(type="SigmaScheduleHook", sigma_0=6.0, t_mid=30000, t_end=40000)]
+"""
+
+# A training script's start, in a fresh interpreter: load the config, build the loss as mmseg's
+# decode head does (MODELS.build(loss_decode)). argv: the config, then "mmseg" to build through
+# mmseg's MODELS (the user's snippet; mmseg.models must import) or "downstream" to build through a
+# registry whose parent is mmseg's MODELS, as OpenMMLab projects declare theirs (lookups fall
+# through to mmseg's table; mmseg's own models, which need mmcv's compiled ops, are not imported).
+BUILD_SCRIPT = """
+import json, sys
+from mmengine.config import Config
+from mmengine.registry import HOOKS, Registry
+from mmseg.registry import MODELS
+
+assert "BLVLoss" not in MODELS.module_dict, "registered before the config's custom_imports ran"
+cfg = Config.fromfile(sys.argv[1])
+registry = MODELS if sys.argv[2] == "mmseg" else Registry("model", parent=MODELS, scope="my_project")
+loss = registry.build(cfg.model.decode_head.loss_decode)
+hook = HOOKS.build(cfg.custom_hooks[0])
+print(json.dumps(dict(
+    registered=MODELS.module_dict["BLVLoss"].__qualname__, built=type(loss).__qualname__, sigma=loss.sigma,
+    loss_weight=loss.loss_weight, avg_non_ignore=loss.avg_non_ignore, loss_name=loss.loss_name,
+    variation_weight=loss.variation_weight.tolist(), class_weight=loss.weight.tolist(),
+    hook=type(hook).__qualname__, sigma_at_35000=hook.schedule(35000),
+)))
+"""
+
+
+def _build_from_config(tmp_path, rng, registry: str) -> tuple[dict, list, torch.Tensor]:
+    counts = torch.randint(1, 10**6, (5,), generator=rng).tolist()
+    class_weight = torch.rand(5, generator=rng) + 0.5
+    counts_path, weight_path, config = tmp_path / "counts.json", tmp_path / "class_weight.npy", tmp_path / "blv.py"
+    counts_path.write_text(json.dumps(counts))
+    np.save(weight_path, class_weight.numpy())
+    config.write_text(CONFIG.format(counts=str(counts_path), class_weight=str(weight_path)))
+    proc = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(config), registry], capture_output=True,
+                          text=True, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), counts, class_weight
+
+
+def _check_built(built: dict, counts: list, class_weight: torch.Tensor) -> None:
+    assert built["registered"] == built["built"] == "MMSegBLVLoss" and built["hook"] == "SigmaScheduleHook"
+    assert built["sigma"] == 4.0 and built["loss_weight"] == 0.4 and built["avg_non_ignore"] is True
+    assert built["loss_name"] == "loss_blv" and built["sigma_at_35000"] == 3.0
+    torch.testing.assert_close(torch.tensor(built["variation_weight"]), class_weights(counts))
+    torch.testing.assert_close(torch.tensor(built["class_weight"]), class_weight)
+
+
+def test_config_builds_the_loss_through_the_registry(rng, tmp_path):
+    """custom_imports registers BLVLoss in mmseg's MODELS; a config's loss_decode builds from it."""
+    pytest.importorskip("mmseg.registry", reason="mmsegmentation is not installed")
+    _check_built(*_build_from_config(tmp_path, rng, "downstream"))
+
+
+@pytest.fixture(scope="module")
+def mmseg_models_import():
+    """Skip unless mmseg's own models import: they need mmcv with its compiled ops (the [test] extra
+    installs mmcv-lite, which has none) and ftfy and regex (which mmseg 1.x does not declare)."""
+    pytest.importorskip("mmseg.registry", reason="mmsegmentation is not installed")
+    proc = subprocess.run([sys.executable, "-c", "import mmseg.models"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"mmseg.models does not import here (needs full mmcv, ftfy, regex): {last}")
+
+
+def test_config_builds_the_loss_through_mmseg_models(rng, tmp_path, mmseg_models_import):
+    """The README's snippet as a user with a full mmseg runs it: MODELS.build(cfg.model.decode_head.loss_decode)."""
+    _check_built(*_build_from_config(tmp_path, rng, "mmseg"))
+
+
+def test_registry_built_loss_computes_mmseg_semantics(rng, tmp_path):
+    mmseg_registry = pytest.importorskip("mmseg.registry", reason="mmsegmentation is not installed")
+    from mmengine.registry import Registry
+
+    assert mmseg_registry.MODELS.module_dict["BLVLoss"] is MMSegBLVLoss
+    registry = Registry("model", parent=mmseg_registry.MODELS, scope=f"blv_test_{os.getpid()}_{id(tmp_path)}")
     logits, label, counts = _batch(rng)
-    path = tmp_path / "counts.json"
-    path.write_text(json.dumps(counts))
-    cfg = dict(type="BLVLoss", class_counts=str(path), sigma=4.0, loss_weight=0.4, avg_non_ignore=True)  # README's
-    loss_fn = MODELS.build(cfg)
-    assert isinstance(loss_fn, MMSegBLVLoss) and loss_fn.sigma == 4.0 and loss_fn.loss_weight == 0.4
+    loss_fn = registry.build(dict(type="BLVLoss", class_counts=counts, sigma=4.0, loss_weight=0.4, avg_non_ignore=True))
+    assert isinstance(loss_fn, MMSegBLVLoss)
     tri, seed = _call_with_seed(loss_fn, logits, label)
     torch.testing.assert_close(
         tri, _mmseg_semantics(logits, label, counts, 4.0, seed, reduction="mean", avg_non_ignore=True, loss_weight=0.4)
     )
+
+
+# Constructor arguments ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mmseg_get_class_weight(mmseg_cross_entropy):
+    """mmseg's ``get_class_weight`` (mmseg/models/losses/utils.py), loaded as mmseg_cross_entropy is."""
+    return sys.modules[mmseg_cross_entropy.__module__.rpartition(".")[0] + ".utils"].get_class_weight
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".json", ".yaml", ".pkl"])
+def test_class_weight_from_a_file_as_mmseg_reads_it(rng, tmp_path, mmseg_get_class_weight, suffix):
+    logits, label, counts = _batch(rng)
+    class_weight = (torch.rand(5, generator=rng, dtype=torch.float64) + 0.5).numpy()
+    path = tmp_path / f"class_weight{suffix}"
+    if suffix == ".npy":
+        np.save(path, class_weight)
+    else:
+        from mmengine.fileio import dump
+
+        dump(class_weight.tolist(), str(path))
+    from_file = MMSegBLVLoss(counts, class_weight=str(path))
+    torch.testing.assert_close(
+        from_file.weight, torch.as_tensor(mmseg_get_class_weight(str(path)), dtype=torch.float32)
+    )
+    from_list = MMSegBLVLoss(counts, class_weight=class_weight.tolist())
+    torch.testing.assert_close(
+        _call_with_seed(from_file, logits, label)[0], _call_with_seed(from_list, logits, label)[0]
+    )
+
+
+def test_bad_class_weights(tmp_path):
+    (tmp_path / "w.json").write_text(json.dumps({"road": 1.0}))
+    with pytest.raises(ValueError, match="class_weight must be"):
+        MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "w.json"))
+    with pytest.raises(ValueError, match="finite"):
+        MMSegBLVLoss([1, 2, 3], class_weight=[1.0, float("nan"), 1.0])
+    with pytest.raises(FileNotFoundError):
+        MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "missing.npy"))
+    with pytest.raises(ValueError, match="one entry per class"):
+        MMSegBLVLoss([1, 2, 3], class_weight=[1.0, 2.0])
+
+
+def test_numpy_scalar_arguments(rng):
+    logits, label, counts = _batch(rng)
+    from_numpy = MMSegBLVLoss(np.array(counts), sigma=np.float32(4.0), loss_weight=np.float64(0.5),
+                              avg_non_ignore=np.bool_(True), smoothing=np.float32(1.0))  # fmt: skip
+    plain = MMSegBLVLoss(counts, sigma=4.0, loss_weight=0.5, avg_non_ignore=True, smoothing=1.0)
+    assert type(from_numpy.loss_weight) is float and from_numpy.avg_non_ignore is True
+    torch.testing.assert_close(_call_with_seed(from_numpy, logits, label)[0], _call_with_seed(plain, logits, label)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(loss_name="blv"), ValueError, "loss_name must be a str containing 'loss'"),
+        (dict(loss_weight=float("inf")), ValueError, "loss_weight must be a finite number"),
+        (dict(loss_weight="1"), TypeError, "loss_weight must be a number"),
+        (dict(avg_non_ignore="yes"), TypeError, "avg_non_ignore must be True or False"),
+        (dict(smoothing=-1.0), ValueError, "smoothing must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MMSegBLVLoss([1, 2, 3], **kwargs)
 
 
 def test_importing_the_package_needs_no_mmseg():

@@ -3,6 +3,7 @@
 import socket
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -72,18 +73,111 @@ def test_apply_with_smoothing_updates_loss_in_place(rng):
     assert loss.variation_weight[3] == 1.0  # the rarest class
 
 
+def test_confident_pseudo_labels_of_class_255_count_with_more_than_255_classes(rng):
+    """Pseudo-labels below the threshold must not be marked with ignore_index: with C > 255 the
+    default 255 is a class, whose confident pseudo-labels would be dropped."""
+    num_classes = 300
+    counter = ClassCounter(num_classes, threshold=0.6)  # ignore_index=255, the default
+    logits = torch.randn(2, num_classes, 5, 6, generator=rng)
+    confident_255 = torch.rand(2, 5, 6, generator=rng) < 0.5
+    logits[:, 255] += torch.where(confident_255, 20.0, 0.0)
+    counter.update_from_logits(logits)
+    confidence, pseudo = logits.softmax(dim=1).max(dim=1)
+    expected = torch.bincount(pseudo[confidence >= 0.6], minlength=num_classes).double()
+    assert expected[255] == confident_255.sum() > 0
+    torch.testing.assert_close(counter.counts(), expected)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(num_classes=0), "num_classes"),
         (dict(num_classes=C, threshold=1.5), "threshold"),
+        (dict(num_classes=C, threshold=float("nan")), "threshold"),
         (dict(num_classes=C, ema_decay=1.0), "ema_decay"),
+        (dict(num_classes=C, ema_decay=-0.1), "ema_decay"),
         (dict(num_classes=C, smoothing=-1.0), "smoothing"),
+        (dict(num_classes=C, smoothing=float("inf")), "smoothing"),
+        (dict(num_classes=C, ignore_index=2**63), "ignore_index"),
+        (dict(num_classes=C, device="not-a-device"), "device"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClassCounter(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_classes=5.0), "num_classes must be an integer"),
+        (dict(num_classes=True), "num_classes must be an integer"),
+        (dict(num_classes=C, ignore_index=255.0), "ignore_index must be an integer"),
+        (dict(num_classes=C, threshold="0.9"), "threshold"),
+        (dict(num_classes=C, smoothing=None), "smoothing must be a number"),
+    ],
+)
+def test_arguments_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ClassCounter(**kwargs)
+
+
+def test_numpy_scalars_are_numbers(rng):
+    counter = ClassCounter(
+        np.int64(C), ignore_index=np.int32(255), threshold=np.float32(0.25), ema_decay=np.float64(0.5),
+        smoothing=np.float32(2.0),
+    )  # fmt: skip
+    label = _labels(rng)
+    counter.update(label)
+    torch.testing.assert_close(counter.counts(), 0.5 * _bincount(label))
+    torch.testing.assert_close(counter.weights(), class_weights(0.5 * _bincount(label), smoothing=2.0))
+    loss = BLVLoss([1] * C)
+    counter.apply(loss)
+    torch.testing.assert_close(loss.variation_weight, counter.weights())
+
+
+def test_update_takes_numpy_arrays(rng):
+    label = _labels(rng)
+    for dtype in (np.uint8, np.int16, np.int32, np.int64, np.uint32, np.uint64):
+        counter = ClassCounter(C)
+        counter.update(label.numpy().astype(dtype))
+        torch.testing.assert_close(counter.counts(), _bincount(label), msg=str(dtype))
+    counter = ClassCounter(C, ignore_index=-1)
+    counter.update(np.where(label.numpy() == 255, -1, label.numpy()).astype(np.int8))
+    torch.testing.assert_close(counter.counts(), _bincount(label))
+    beyond_int64 = label.numpy().astype(np.uint64)
+    beyond_int64[0, 0, 0] = 2**64 - 1  # int64 would read it as -1
+    with pytest.raises(ValueError, match="outside"):
+        ClassCounter(C, ignore_index=-1).update(beyond_int64)
+    with pytest.raises(TypeError, match="integer class indices"):
+        counter.update(label.numpy().astype(np.float32))
+    with pytest.raises(TypeError, match="tensor or a numpy array"):
+        counter.update(label.tolist())
+
+
+def test_state_dict_resumes_the_counts(rng, tmp_path):
+    counter = ClassCounter(C, ema_decay=0.9)
+    counter.update(_labels(rng))
+    torch.save(counter.state_dict(), tmp_path / "counter.pt")
+    resumed = ClassCounter(C, ema_decay=0.9)
+    resumed.load_state_dict(torch.load(tmp_path / "counter.pt"))
+    torch.testing.assert_close(resumed.counts(), counter.counts())
+    more = _labels(rng)
+    counter.update(more)
+    resumed.update(more)
+    torch.testing.assert_close(resumed.counts(), counter.counts())  # the EMA goes on from the saved counts
+    with pytest.raises(ValueError, match=rf"counts of shape \({C},\), this counter counts {C + 1} classes"):
+        ClassCounter(C + 1).load_state_dict(counter.state_dict())
+    with pytest.raises(ValueError, match="ClassCounter state dict"):
+        resumed.load_state_dict({"weights": counter.counts()})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        resumed.load_state_dict({"counts": -counter.counts()})
+
+
+def test_repr_says_what_it_counts():
+    text = repr(ClassCounter(C, ignore_index=-100, threshold=0.9, ema_decay=0.99))
+    assert text.startswith("ClassCounter(") and f"num_classes={C}" in text
+    assert "ignore_index=-100" in text and "threshold=0.9" in text and "ema_decay=0.99" in text
 
 
 def _rank_labels(rank):

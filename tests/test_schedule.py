@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ def test_degenerate_legs():
         (dict(sigma_0=6.0, t_mid=0, t_end=0), "t_end > 0"),
         (dict(sigma_0=6.0, t_mid=1, t_end=2, shape="step"), "shape must be one of"),
         (dict(sigma_0=6.0, t_mid=1, t_end=2, sigma_end=-0.1), "sigma_end must be"),
+        (dict(sigma_0=6.0, t_mid=-1, t_end=2), "t_mid must be an integer >= 0"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -51,9 +53,38 @@ def test_bad_arguments(kwargs, match):
         SigmaSchedule(**kwargs)
 
 
-def test_negative_iteration():
-    with pytest.raises(ValueError, match="iteration must be >= 0"):
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigma_0=True, t_mid=1, t_end=2), "sigma_0 must be a number"),
+        (dict(sigma_0="6", t_mid=1, t_end=2), "sigma_0 must be a number"),
+        (dict(sigma_0=6.0, t_mid=1.5, t_end=2), "t_mid must be an integer"),
+        (dict(sigma_0=6.0, t_mid=1, t_end="2"), "t_end must be an integer"),
+    ],
+)
+def test_arguments_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        SigmaSchedule(**kwargs)
+
+
+def test_numpy_scalars_are_numbers(rng):
+    sigma_0, sigma_start, sigma_end = (torch.rand(3, generator=rng) * 6).tolist()
+    t_mid, t_end = sorted(torch.randint(1, 10_000, (2,), generator=rng).tolist())
+    plain = SigmaSchedule(sigma_0, t_mid, t_end + 1, "cosine", sigma_start, sigma_end)
+    from_numpy = SigmaSchedule(
+        np.float32(sigma_0), np.int64(t_mid), np.int32(t_end + 1), "cosine", np.float64(sigma_start),
+        np.float32(sigma_end),
+    )  # fmt: skip
+    assert type(from_numpy.sigma_0) is float and type(from_numpy.t_mid) is int  # kept as Python numbers
+    for t in torch.randint(0, t_end + 100, (20,), generator=rng).tolist():
+        assert from_numpy(np.int64(t)) == pytest.approx(plain(t), rel=1e-6)
+
+
+def test_bad_iteration():
+    with pytest.raises(ValueError, match="iteration must be an integer >= 0"):
         SigmaSchedule(6.0, 1, 2)(-1)
+    with pytest.raises(TypeError, match="iteration must be an integer"):
+        SigmaSchedule(6.0, 1, 2)(0.5)
 
 
 def test_step_sets_sigma_on_every_blv_loss(rng):

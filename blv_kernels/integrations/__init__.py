@@ -5,7 +5,15 @@ The mmsegmentation adapter (:mod:`blv_kernels.integrations.mmseg`) and the mmeng
 needs mmseg or mmengine.
 """
 
-from .dataset_counts import CountResult, count_classes, count_label_files, load_counts, read_label, save_counts
+from .dataset_counts import (
+    CountResult,
+    count_classes,
+    count_label_files,
+    find_label_files,
+    load_counts,
+    read_label,
+    save_counts,
+)
 from .known_counts import CITYSCAPES_CLASSES, GTA5_CLASS_COUNTS, RELEASED_CONFIG_COUNTS_WITH_CAR_TYPO
 from .online_counts import ClassCounter
 from .schedule import SigmaSchedule
@@ -15,6 +23,7 @@ __all__ = [
     "ClassCounter",
     "count_classes",
     "count_label_files",
+    "find_label_files",
     "CountResult",
     "read_label",
     "load_counts",

@@ -1,17 +1,20 @@
 """Class pixel counts from label maps: the prior ``class_counts`` of a dataset (supplement section 8).
 
-``count_classes`` counts an iterable of tensors or arrays; ``count_label_files`` counts label
-files (PNG through Pillow, ``.npy``) in several processes, reporting unreadable files and
-labels outside the class range instead of failing. Counts are saved as a plain JSON list of
-integers, so ``BLVLoss(json.load(f))`` and ``BLVLoss(load_counts(path))`` both work.
+``count_classes`` counts an iterable of tensors or arrays; ``find_label_files`` finds label
+files under a directory, refusing a pattern that mixes Cityscapes' label kinds;
+``count_label_files`` counts label files (PNG through Pillow, ``.npy``) in several processes,
+reporting unreadable files and labels outside the class range instead of failing. The ignore
+label is never counted, wherever it lies. Counts are saved as a plain JSON list of integers,
+so ``BLVLoss(json.load(f))`` and ``BLVLoss(load_counts(path))`` both work.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import Pool
@@ -20,7 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["count_classes", "count_label_files", "CountResult", "read_label", "load_counts", "save_counts"]
+from .._validation import integer
+
+__all__ = [
+    "count_classes",
+    "count_label_files",
+    "find_label_files",
+    "CountResult",
+    "read_label",
+    "load_counts",
+    "save_counts",
+    "MAX_CLASSES",
+]
+
+# The counts are a list of C numbers (a JSON file, a BLVLoss buffer): far more classes than any
+# label set has, and few enough that a mistyped --num-classes cannot exhaust the memory.
+MAX_CLASSES = 2**20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Cityscapes ships several maps per image, each with its own encoding (gtFine and gtCoarse alike):
+# a pattern that matches two of these kinds adds up pixels of different label spaces.
+CITYSCAPES_LABEL_KINDS = ("_labelTrainIds", "_labelIds", "_instanceTrainIds", "_instanceIds", "_color")
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
@@ -33,8 +55,9 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             from PIL import Image
         except ImportError as err:
             raise ImportError('reading label images needs Pillow: pip install "blv_kernels[data]"') from err
-        with Image.open(path) as image:  # palette ("P") images give their indices, as label maps should
-            labels = np.asarray(image)
+        with Image.open(path) as image:
+            # palette ("P") images give their indices, as label maps should; 1-bit masks ("1") their 0/1 values
+            labels = np.asarray(image, dtype=np.uint8 if image.mode == "1" else None)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if labels.ndim == 3 and path.suffix != ".npy":
@@ -42,42 +65,75 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
-def _histogram(labels: np.ndarray, num_classes: int, ignore_index: int) -> tuple[np.ndarray, dict[int, int]]:
-    """Pixel counts of classes ``0..C-1`` and the counts of values outside ``[0, C)`` that are not ignored."""
-    values, freq = np.unique(labels.ravel(), return_counts=True)
-    values = values.astype(np.int64)
-    counts = np.zeros(num_classes, dtype=np.int64)
-    inside = (values >= 0) & (values < num_classes)
-    counts[values[inside]] = freq[inside]
-    outside = ~inside & (values != ignore_index)
-    return counts, {int(v): int(n) for v, n in zip(values[outside], freq[outside], strict=True)}
+def _histogram(labels: np.ndarray, num_classes: int, ignore_index: int):
+    """The classes in ``[0, C)`` present (ignore_index excluded) with their pixels, and ``{value: pixels}``
+    of the values outside ``[0, C)`` that are not ignored. Sparse: nothing here is of size C."""
+    values, pixels = np.unique(labels.ravel(), return_counts=True)
+    # values keep their dtype: numpy compares uint64 with negative or large Python ints by value
+    ignored = values == ignore_index
+    inside = (values >= 0) & (values < num_classes) & ~ignored
+    outside = ~inside & ~ignored
+    found = dict(zip(values[outside].tolist(), pixels[outside].tolist(), strict=True))
+    return values[inside].astype(np.int64), pixels[inside].astype(np.int64), found
 
 
-def _check_num_classes(num_classes: int) -> None:
-    if not (isinstance(num_classes, int) and num_classes >= 1):
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+def _check_num_classes(num_classes) -> int:
+    return integer("num_classes", num_classes, minimum=1, maximum=MAX_CLASSES)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    return integer("ignore_index", ignore_index, minimum=INT64_MIN, maximum=INT64_MAX)
 
 
 def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -> list[int]:
-    """Pixels per class over label maps (tensors or arrays of any shape), ``ignore_index`` excluded.
+    """Pixels per class over label maps (tensors or arrays of any shape), ``ignore_index`` excluded
+    (also when it lies inside ``[0, num_classes)``: that class then counts 0).
 
     Raises ``ValueError`` naming the map and the values when a label is outside
     ``[0, num_classes)`` and is not ``ignore_index``.
     """
-    _check_num_classes(num_classes)
+    num_classes = _check_num_classes(num_classes)
+    ignore_index = _check_ignore_index(ignore_index)
     total = np.zeros(num_classes, dtype=np.int64)
     for i, item in enumerate(labels):
         array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"label map {i} must hold integers, got dtype {array.dtype}")
-        counts, outside = _histogram(array, num_classes, ignore_index)
+        classes, pixels, outside = _histogram(array, num_classes, ignore_index)
         if outside:
             raise ValueError(
                 f"label map {i} has values outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
                 f"{outside} (value: pixels)"
             )
-        total += counts
+        total[classes] += pixels
     return total.tolist()
+
+
+def find_label_files(root: str | os.PathLike, pattern: str = "*.png") -> list[Path]:
+    """The files under ``root`` (searched recursively) whose names match ``pattern``, sorted.
+
+    Raises ``ValueError`` when ``root`` is not a directory, nothing matches, or the matches are
+    Cityscapes label maps of several kinds (``*_labelTrainIds.png`` beside ``*_labelIds.png``,
+    ``*_color.png``, ``*_instanceIds.png``...): counted together they would mix label encodings.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    try:
+        paths = sorted(p for p in root.rglob(pattern) if p.is_file())
+    except (ValueError, NotImplementedError) as err:  # an empty or absolute pattern
+        raise ValueError(f"invalid pattern {pattern!r}: {err}") from None
+    if not paths:
+        raise ValueError(f"no files matching {pattern!r} under {root}")
+    kinds = Counter((kind, p.suffix) for p in paths for kind in CITYSCAPES_LABEL_KINDS if p.stem.endswith(kind))
+    if len(kinds) > 1:
+        found = ", ".join(f"{n} *{kind}{suffix}" for (kind, suffix), n in kinds.most_common())
+        raise ValueError(
+            f"pattern {pattern!r} matches Cityscapes label maps of {len(kinds)} kinds under {root} ({found}): "
+            "counted together they mix label encodings; narrow it to one kind, e.g. '*_labelTrainIds.png' "
+            "(the 19 training classes)"
+        )
+    return paths
 
 
 @dataclass
@@ -94,7 +150,37 @@ def _count_file(path: str, num_classes: int, ignore_index: int):
     try:
         return path, *_histogram(read_label(path), num_classes, ignore_index), None
     except Exception as err:  # any unreadable file is reported with its error, not fatal to the whole count
-        return path, None, None, f"{type(err).__name__}: {err}"
+        return path, None, None, None, f"{type(err).__name__}: {err}"
+
+
+def _check_readers(paths: Sequence[str | os.PathLike], *, progress: bool) -> None:
+    """Raise ``ImportError`` now, not once per file, when Pillow (for the images among ``paths``) or
+    tqdm (for ``progress``) is missing."""
+    if any(Path(p).suffix != ".npy" for p in paths):
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError:
+            raise ImportError('reading label images needs Pillow: pip install "blv_kernels[data]"') from None
+    if progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                'the progress bar needs tqdm: pip install "blv_kernels[data]", or turn it off (progress=False, '
+                "the command's --quiet)"
+            ) from None
+
+
+@contextmanager
+def _progress(total: int, enabled: bool):
+    """A function to call once per file: a tqdm bar's update, or nothing."""
+    if not enabled:
+        yield lambda: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="file") as bar:
+        yield bar.update
 
 
 def count_label_files(
@@ -107,46 +193,57 @@ def count_label_files(
 ) -> CountResult:
     """Count label files in ``workers`` processes (default: all CPUs), with a tqdm progress bar.
 
-    Out-of-range values are left out of the counts and listed per file; files that cannot be
-    read are listed with their error.
+    ``ignore_index`` is never counted. Out-of-range values are left out of the counts and listed
+    per file; files that cannot be read are listed with their error.
     """
-    _check_num_classes(num_classes)
-    try:
-        from tqdm import tqdm
-    except ImportError as err:
-        raise ImportError('counting label files needs tqdm: pip install "blv_kernels[data]"') from err
+    num_classes = _check_num_classes(num_classes)
+    ignore_index = _check_ignore_index(ignore_index)
+    if workers is not None:
+        workers = integer("workers", workers, minimum=1)
+    _check_readers(paths, progress=progress)
     paths = [str(p) for p in paths]
     workers = min(workers or os.cpu_count() or 1, max(len(paths), 1))
     task = partial(_count_file, num_classes=num_classes, ignore_index=ignore_index)
     outcomes = []
-    with (
-        tqdm(total=len(paths), unit="file", disable=not progress) as bar,
-        Pool(workers) if workers > 1 else nullcontext() as pool,
-    ):
+    with _progress(len(paths), progress) as advance, Pool(workers) if workers > 1 else nullcontext() as pool:
         for outcome in pool.imap_unordered(task, paths, chunksize=4) if pool else map(task, paths):
             outcomes.append(outcome)
-            bar.update()
+            advance()
 
     total = np.zeros(num_classes, dtype=np.int64)
     out_of_range, unreadable = {}, {}
-    for path, counts, outside, error in sorted(outcomes, key=lambda o: o[0]):
+    for path, classes, pixels, outside, error in sorted(outcomes, key=lambda o: o[0]):
         if error is not None:
             unreadable[path] = error
             continue
-        total += counts
+        total[classes] += pixels
         if outside:
             out_of_range[path] = outside
     return CountResult(total.tolist(), len(outcomes) - len(unreadable), out_of_range, unreadable)
 
 
 def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
-    """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take)."""
-    Path(path).write_text(json.dumps([int(c) for c in counts]) + "\n")
+    """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take).
+
+    Written to a temporary file beside ``path`` first, then renamed: never half a file.
+    """
+    path = Path(path)
+    text = json.dumps([int(c) for c in counts]) + "\n"
+    partial_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial_file.write_text(text)
+        partial_file.replace(path)
+    finally:
+        partial_file.unlink(missing_ok=True)  # only left when writing or renaming failed
 
 
 def load_counts(path: str | os.PathLike) -> list[int]:
     """Read counts written by :func:`save_counts` / ``blv-kernels count-classes``."""
     counts = json.loads(Path(path).read_text())
-    if not (isinstance(counts, list) and counts and all(isinstance(c, int) and c >= 0 for c in counts)):
+    if not (
+        isinstance(counts, list)
+        and counts
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+    ):
         raise ValueError(f"{path} must hold a non-empty JSON list of non-negative integers (pixel counts per class)")
     return counts

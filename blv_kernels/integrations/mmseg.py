@@ -24,10 +24,14 @@ position as 1 is our choice, so that all-ones class weights equal no class weigh
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from .._validation import real
 from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
 from .dataset_counts import load_counts
 
@@ -49,12 +53,16 @@ class MMSegBLVLoss(BLVLoss):
         loss_weight: multiplies the loss.
         avg_non_ignore: ``reduction="mean"`` averages over non-ignored positions only
             (mmseg's default ``False`` averages over all positions, ignored ones as 0).
-        class_weight: per-class weights, as ``F.cross_entropy``'s ``weight``.
-        loss_name: the key of the loss in mmseg's log dict; it must contain ``loss`` for
-            mmseg to add it to the total loss (``loss_blv`` does).
+        class_weight: per-class weights, as ``F.cross_entropy``'s ``weight``: a list, array or
+            tensor, or a file path as mmseg's ``get_class_weight`` takes (``.npy`` through numpy;
+            ``.json`` here, ``.yaml``/``.yml``/``.pkl``/``.pickle`` through mmengine's ``load``).
+        loss_name: the key of the loss in mmseg's log dict; it must contain ``loss``, else mmseg
+            would log it and leave it out of the total loss (``loss_blv`` does).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a call's ``reduction_override`` wins).
         smoothing: additive smoothing of ``class_counts`` (needed when a count is 0).
         backend: as in :func:`blv_kernels.blv_cross_entropy`.
+
+    Numbers may be Python or numpy scalars.
     """
 
     def __init__(
@@ -74,13 +82,25 @@ class MMSegBLVLoss(BLVLoss):
             class_counts = load_counts(class_counts)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        loss_weight = real("loss_weight", loss_weight)
+        if not isinstance(avg_non_ignore, (bool, np.bool_)):
+            raise TypeError(f"avg_non_ignore must be True or False, got {avg_non_ignore!r}")
+        if not (isinstance(loss_name, str) and "loss" in loss_name):
+            raise ValueError(
+                f"loss_name must be a str containing 'loss' (mmseg adds only such keys to the total loss), "
+                f"got {loss_name!r}"
+            )
+        if isinstance(class_weight, (str, os.PathLike)):
+            class_weight = load_class_weight(class_weight)
+        if class_weight is not None:
+            class_weight = _class_weight_tensor(class_weight)
         # the attribute matches forward()'s default; mmseg passes ignore_index with every call
         super().__init__(
             class_counts, sigma, mode=mode, weight=class_weight, ignore_index=255, reduction=reduction,
-            smoothing=smoothing, backend=backend,
+            smoothing=real("smoothing", smoothing, minimum=0.0), backend=backend,
         )  # fmt: skip
         self.loss_weight = loss_weight
-        self.avg_non_ignore = avg_non_ignore
+        self.avg_non_ignore = bool(avg_non_ignore)
         self._loss_name = loss_name
 
     @property
@@ -132,6 +152,38 @@ class MMSegBLVLoss(BLVLoss):
             f"loss_weight={self.loss_weight}, avg_non_ignore={self.avg_non_ignore}, loss_name={self.loss_name!r}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}"
         )
+
+
+def load_class_weight(path: str | os.PathLike):
+    """Class weights from a file, as mmseg's ``get_class_weight``: ``.npy`` through numpy, other
+    formats through mmengine's ``load`` (json, yaml, pickle; json needs no mmengine here)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    try:
+        from mmengine.fileio import load
+    except ImportError:
+        raise ImportError(f"class_weight={str(path)!r}: reading {path.suffix or 'it'} needs mmengine") from None
+    return load(path)
+
+
+def _class_weight_tensor(class_weight) -> torch.Tensor:
+    """A 1-D float32 tensor of finite class weights, or a ValueError that says what was wrong."""
+    if isinstance(class_weight, torch.Tensor):
+        return _finite_vector(class_weight.detach().float(), class_weight)
+    try:
+        weight = torch.as_tensor(np.asarray(class_weight, dtype=np.float64), dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"class_weight must be a list of numbers, one per class: {err}") from None
+    return _finite_vector(weight, class_weight)
+
+
+def _finite_vector(weight: torch.Tensor, given) -> torch.Tensor:
+    if weight.dim() != 1 or not torch.isfinite(weight).all():
+        raise ValueError(f"class_weight must be a 1-D list of finite numbers, got {given!r}")
+    return weight
 
 
 def _mmseg_loss_registry():

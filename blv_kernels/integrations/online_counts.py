@@ -7,13 +7,12 @@ accumulates both during training and re-weights a :class:`~blv_kernels.BLVLoss` 
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validation import check_target_values
+from .._validation import check_target_values, integer, real
 from ..weights import class_weights
 from ._modules import blv_losses
 
@@ -25,7 +24,7 @@ class ClassCounter:
 
     Args:
         num_classes: C.
-        ignore_index: label value that is not counted.
+        ignore_index: label value that is not counted (also when it lies inside ``[0, C)``).
         threshold: a pseudo-label counts only where its softmax confidence is >= this.
         ema_decay: ``None`` sums every update; a value in [0, 1) keeps an exponential moving
             average ``counts = ema_decay * counts + (1 - ema_decay) * batch_counts`` instead
@@ -35,9 +34,10 @@ class ClassCounter:
             NCCL it must be a CUDA device).
         group: the process group to sum over (default: the world).
 
-    Updates are local and need no communication; :meth:`counts`, :meth:`weights` and
-    :meth:`apply` are collectives when ``torch.distributed`` is initialised (every process
-    calls them, after the same number of updates).
+    Numbers may be Python or numpy scalars. Updates are local and need no communication;
+    :meth:`counts`, :meth:`weights` and :meth:`apply` are collectives when ``torch.distributed``
+    is initialised (every process calls them, after the same number of updates).
+    :meth:`state_dict` holds this process's counts, so that a resumed run goes on from them.
     """
 
     def __init__(
@@ -51,32 +51,43 @@ class ClassCounter:
         device: torch.device | str | None = None,
         group=None,
     ) -> None:
-        if not (isinstance(num_classes, int) and num_classes >= 1):
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold is a softmax confidence in [0, 1], got {threshold!r}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
-        if not (math.isfinite(smoothing) and smoothing >= 0):
-            raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.threshold = threshold
-        self.ema_decay = ema_decay
-        self.smoothing = smoothing
+        self.num_classes = integer("num_classes", num_classes, minimum=1)
+        self.ignore_index = integer("ignore_index", ignore_index, minimum=-(2**63), maximum=2**63 - 1)
+        self.threshold = real("threshold (a softmax confidence)", threshold, minimum=0.0, maximum=1.0)
+        self.ema_decay = None if ema_decay is None else real("ema_decay", ema_decay, minimum=0.0, below=1.0)
+        self.smoothing = real("smoothing", smoothing, minimum=0.0)
         self.group = group
-        # float64 holds integer counts exactly up to 2**53 and the fractional EMA alike
-        self._local = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        try:
+            # float64 holds integer counts exactly up to 2**53 and the fractional EMA alike
+            self._local = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
+        except (RuntimeError, AssertionError) as err:  # an unknown device, or one this torch cannot use
+            raise ValueError(f"device {device!r} cannot hold the counts: {err}") from None
 
     @torch.no_grad()
-    def update(self, labels: torch.Tensor) -> None:
-        """Add the pixels of a label map (any shape; ``ignore_index`` is skipped, other out-of-range values are an error)."""
+    def update(self, labels: torch.Tensor | np.ndarray) -> None:
+        """Add the pixels of a label map (a tensor or numpy array of any shape; ``ignore_index`` is
+        skipped, other values outside ``[0, C)`` are an error)."""
+        if isinstance(labels, np.ndarray):
+            labels = self._from_numpy(labels)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor or a numpy array, got {type(labels).__name__}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
         check_target_values(labels, self.num_classes, self.ignore_index)
         labels = labels.to(self._local.device).long().flatten()
-        # ignored pixels go to an extra bin C; index_put_ accumulates without a host sync (bincount would sync)
-        index = torch.where(labels == self.ignore_index, self.num_classes, labels)
+        self._add(torch.where(labels == self.ignore_index, self.num_classes, labels))
+
+    def _from_numpy(self, labels: np.ndarray) -> torch.Tensor:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(f"labels must hold integer class indices, got dtype {labels.dtype}")
+        if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+            # int64 (what the counts are indexed with) would wrap it around to a negative label
+            raise ValueError(f"labels has value {labels.max()} outside [0, {self.num_classes})")
+        return torch.from_numpy(labels.astype(np.int64, copy=False))
+
+    def _add(self, index: torch.Tensor) -> None:
+        """Count the classes in ``index`` (int64 on the counts' device); the value C is a bin for what is not counted."""
+        # index_put_ accumulates without a host sync (bincount would sync)
         batch = torch.zeros(self.num_classes + 1, dtype=torch.int64, device=index.device)
         batch.index_put_((index,), torch.ones((), dtype=torch.int64, device=index.device), accumulate=True)
         batch = batch[: self.num_classes].double()
@@ -88,12 +99,16 @@ class ClassCounter:
     @torch.no_grad()
     def update_from_logits(self, logits: torch.Tensor) -> None:
         """Add pseudo-labels: the argmax class of ``logits`` (N, C, ...) where its softmax confidence >= threshold."""
+        if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+            raise TypeError(f"logits must be a floating-point tensor of shape (N, {self.num_classes}, ...)")
         if logits.dim() < 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (N, {self.num_classes}, ...), got {tuple(logits.shape)}")
         logits = logits.float()
         top, pseudo = logits.max(dim=1)
         confidence = (top - logits.logsumexp(dim=1)).exp()  # max softmax probability
-        self.update(torch.where(confidence >= self.threshold, pseudo, self.ignore_index))
+        # not confident: the bin past the classes, never a class (ignore_index may be one when C > 255)
+        index = torch.where(confidence >= self.threshold, pseudo, self.num_classes)
+        self._add(index.to(self._local.device).flatten())
 
     def counts(self) -> torch.Tensor:
         """The counts summed over all processes (float64, on the counter's device). A collective."""
@@ -112,3 +127,29 @@ class ClassCounter:
         for loss in blv_losses(module):
             loss.set_class_counts(counts, smoothing=self.smoothing)
         return counts
+
+    def state_dict(self) -> dict:
+        """This process's counts (float64, on the CPU): what :meth:`load_state_dict` restores."""
+        return {"counts": self._local.cpu().clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore counts saved by :meth:`state_dict` (the same number of classes)."""
+        counts = state_dict.get("counts") if isinstance(state_dict, dict) else None
+        if not isinstance(counts, torch.Tensor):
+            raise ValueError("expected a ClassCounter state dict: {'counts': tensor of shape (C,)}")
+        if counts.shape != self._local.shape:
+            raise ValueError(
+                f"the state dict has counts of shape {tuple(counts.shape)}, this counter counts "
+                f"{self.num_classes} classes"
+            )
+        counts = counts.to(self._local)
+        if not (torch.isfinite(counts).all() and (counts >= 0).all()):
+            raise ValueError("the state dict's counts must be finite and >= 0")
+        self._local.copy_(counts)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClassCounter(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
+            f"threshold={self.threshold}, ema_decay={self.ema_decay}, smoothing={self.smoothing}, "
+            f"device={self._local.device}, local_pixels={self._local.sum().item():.6g})"
+        )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .._validation import integer, real
 from ._modules import blv_losses
 
 __all__ = ["SigmaSchedule"]
@@ -28,7 +29,8 @@ class SigmaSchedule:
 
     Use ``loss.sigma = schedule(it)``, or ``schedule.step(model, it)`` once per iteration to
     set it on every :class:`~blv_kernels.BLVLoss` in ``model``. The schedule keeps no state,
-    so resuming from a checkpoint at iteration ``it`` gives the same sigma.
+    so resuming from a checkpoint at iteration ``it`` gives the same sigma. Numbers may be Python
+    or numpy scalars; they are kept as Python floats and ints.
     """
 
     sigma_0: float
@@ -39,19 +41,19 @@ class SigmaSchedule:
     sigma_end: float = 0.0
 
     def __post_init__(self) -> None:
+        # frozen: the checked values are set through object.__setattr__
         for name in ("sigma_0", "sigma_start", "sigma_end"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (0 <= self.t_mid <= self.t_end and self.t_end > 0):
+            object.__setattr__(self, name, real(name, getattr(self, name), minimum=0.0))
+        for name in ("t_mid", "t_end"):
+            object.__setattr__(self, name, integer(name, getattr(self, name), minimum=0))
+        if not (self.t_mid <= self.t_end and self.t_end > 0):
             raise ValueError(f"need 0 <= t_mid <= t_end and t_end > 0, got t_mid={self.t_mid}, t_end={self.t_end}")
         if self.shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
 
     def __call__(self, t: int) -> float:
-        """Sigma at iteration ``t`` (``t >= 0``; constant ``sigma_end`` from ``t_end`` on)."""
-        if t < 0:
-            raise ValueError(f"iteration must be >= 0, got {t}")
+        """Sigma at iteration ``t`` (an integer >= 0; constant ``sigma_end`` from ``t_end`` on)."""
+        t = integer("iteration", t, minimum=0)
         if t < self.t_mid:
             return self._leg(self.sigma_start, self.sigma_0, t / self.t_mid)
         if t < self.t_end:
