@@ -235,3 +235,22 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_static_estimate_beside_the_measured_time():
+    static = [{"case": "8x19x512x1024-fp32-nchw", "shape": [8, 19, 512, 1024], "dtype": "fp32", "layout": "nchw",
+               "total_per_element": 60.0, "predicted_ms": 0.30, "issue_ms": 0.30, "efficiency": 0.5},
+              {"case": "65536x1000-bf16-rows", "shape": [65536, 1000], "dtype": "bf16", "layout": "rows",
+               "total_per_element": 90.0, "predicted_ms": 0.2, "issue_ms": 0.2, "efficiency": 0.7}]  # fmt: skip
+    loss_data = {"results": [
+        {"provider": "triton", "pass": "fwd_bwd", "status": "ok", "shape": [8, 19, 512, 1024], "dtype": "fp32",
+         "layout": "contiguous", "ms": 0.60},
+        {"provider": "triton", "pass": "fwd", "status": "ok", "shape": [8, 19, 512, 1024], "dtype": "fp32",
+         "layout": "contiguous", "ms": 0.10},
+    ]}  # fmt: skip
+    lines = summary.static_summary(static, loss_data).splitlines()
+    matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
+    # measured twice the prediction: the model's efficiency was twice what the card gave
+    assert matched[1:] == ["60.0", "0.300", "0.600", "2.00", "0.25"]
+    unmatched = next(line for line in lines if line.startswith("65536x1000-bf16-rows")).split()
+    assert unmatched[1:] == ["90.0", "0.200"]
