@@ -273,6 +273,18 @@ def _store_grad4(grad_ptr, o_g, o_c, e0, e1, e2, e3, b_t, m_p, k_p, k_t, k_s, cl
 
 
 @triton.jit
+def _program_positions(BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
+    """(sample n, position block, its positions s) of this program, on a grid (position blocks, N);
+    64-bit indices when INDEX_64."""
+    pid_s = tl.program_id(0)
+    n = tl.program_id(1)
+    if INDEX_64:
+        n = n.to(tl.int64)
+        pid_s = pid_s.to(tl.int64)
+    return n, pid_s, pid_s * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _label_kernel(
     target_ptr,  # labels (N, S) through stride_tn, stride_ts, any integer dtype
     class_weight_ptr,  # cw_c (C,) fp32, if HAS_CLASS_WEIGHT
@@ -281,12 +293,7 @@ def _label_kernel(
     S, C, ignore_index, stride_tn, stride_ts,
     BLOCK: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr, INDEX_64: tl.constexpr,
 ):  # fmt: skip
-    pid_s = tl.program_id(0)
-    n = tl.program_id(1)
-    if INDEX_64:
-        n = n.to(tl.int64)
-        pid_s = pid_s.to(tl.int64)
-    o_s = pid_s * BLOCK + tl.arange(0, BLOCK)
+    n, pid_s, o_s = _program_positions(BLOCK, INDEX_64)
     m_p = o_s < S
     b_t = tl.load(target_ptr + n * stride_tn + o_s * stride_ts, mask=m_p, other=0).to(tl.int64)
     m_labelled = m_p & (b_t != ignore_index)
@@ -470,15 +477,11 @@ def _blv_loss_kernel(
     HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     INDEX_64: tl.constexpr,  # some element offset is >= 2**31: 64-bit index arithmetic
 ):  # fmt: skip
-    pid_s = tl.program_id(0)
-    n = tl.program_id(1)
-    if INDEX_64:
-        n = n.to(tl.int64)
-        pid_s = pid_s.to(tl.int64)
+    n, pid_s, o_s = _program_positions(BLOCK_P, INDEX_64)
     # Contiguity 1: every tile in Triton's default layout, a thread's classes in its own registers
     # (a vectorised load would give the logits another layout, and the class reductions would
     # then cross warps through shared memory).
-    o_s = tl.max_contiguous(pid_s * BLOCK_P + tl.arange(0, BLOCK_P), 1)
+    o_s = tl.max_contiguous(o_s, 1)
     m_p = o_s < S
 
     # per position: label, weights, element offsets, Philox counter (lo32(q), hi32(q)), q = offset + n*S + s
