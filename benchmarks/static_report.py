@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -283,17 +284,22 @@ def main(argv=None) -> int:
     for tool in ("nvdisasm", "cuobjdump"):
         if sass.find_tool(tool) is None:
             parser.error(f"{tool} not found (Triton bundles it with its NVIDIA backend)")
-    if args.all_configs:
-        rows = config_rows()
-        print(json.dumps(rows, indent=1) if args.json else "\n".join(
-            f"C={r['num_classes']:5d} {r['dtype']} {r['layout']:5} {r['config']} partial={r['partial_chunk']}: "
-            f"{r['registers']} registers, {r['spill_bytes']} B spilled" for r in rows))  # fmt: skip
-        return 1 if any(r["spill_bytes"] for r in rows) else 0
     names = args.cases.split(",") if args.cases else list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    reports = [case_report(CASES[n]) for n in names]
+    # A cache of its own: Triton's cache is keyed by the source, not its file, so a cubin cached
+    # from another checkout would carry that checkout's paths in its line info, which the walk
+    # decides branches by.
+    with tempfile.TemporaryDirectory(prefix="blv-static-report-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        if args.all_configs:
+            rows = config_rows()
+            print(json.dumps(rows, indent=1) if args.json else "\n".join(
+                f"C={r['num_classes']:5d} {r['dtype']} {r['layout']:5} {r['config']} partial={r['partial_chunk']}: "
+                f"{r['registers']} registers, {r['spill_bytes']} B spilled" for r in rows))  # fmt: skip
+            return 1 if any(r["spill_bytes"] for r in rows) else 0
+        reports = [case_report(CASES[n]) for n in names]
     print(json.dumps(reports, indent=1) if args.json else format_report(reports))
     return 0
 

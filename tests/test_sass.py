@@ -175,6 +175,9 @@ def triton_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("triton_cubins")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    # a cache of its own: Triton's cache is keyed by the source, not its file, so a cubin cached
+    # from another checkout would carry that checkout's paths in its line info
+    env["TRITON_CACHE_DIR"] = str(out / "triton-cache")
     result = subprocess.run(
         [sys.executable, str(THIS_FILE), str(out)], env=env, capture_output=True, text=True, timeout=300
     )
