@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, class_weights
+from ._validation import INT64_MAX, INT64_MIN
 from .backends import BACKEND_NAMES, get_backend
 from .integrations.dataset_counts import MAX_CLASSES, count_label_files, find_label_files, save_counts
 from .integrations.known_counts import GTA5_CLASS_COUNTS
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("label_dir", metavar="LABEL_DIR", help="the directory searched, recursively")
     p.add_argument("--num-classes", type=_integer(1, MAX_CLASSES), required=True, help="C: labels 0..C-1 are counted")
     p.add_argument(
-        "--ignore-index", type=_integer(-(2**63), 2**63 - 1), default=255,
+        "--ignore-index", type=_integer(INT64_MIN, INT64_MAX), default=255,
         help="the label that is not counted (default: 255)",
     )  # fmt: skip
     p.add_argument(

@@ -13,6 +13,7 @@ from .noise import check_mode
 REDUCTIONS = ("none", "sum", "mean")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of ignore_index: labels are compared in int64
 
 
 def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -110,7 +111,7 @@ def check_options(*, ignore_index, label_smoothing, mode: str | None = None, red
     """The non-tensor options of a loss (numpy scalars are numbers too)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2**63) <= int(ignore_index) < 2**63:
+    if not INT64_MIN <= int(ignore_index) <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0.0 <= float(label_smoothing) <= 1.0):  # fmt: skip
@@ -155,6 +156,11 @@ def integer(name: str, value, *, minimum: int | None = None, maximum: int | None
         bounds += [] if maximum is None else [f"<= {maximum}"]
         raise ValueError(f"{name} must be an integer {' and '.join(bounds)}, got {value}")
     return value
+
+
+def integer_ignore_index(ignore_index) -> int:
+    """``ignore_index`` of the counting tools as an int in int64's range (:func:`integer`'s errors)."""
+    return integer("ignore_index", ignore_index, minimum=INT64_MIN, maximum=INT64_MAX)
 
 
 def real(name: str, value, *, minimum: float | None = None, maximum: float | None = None, below: float | None = None):

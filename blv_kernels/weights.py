@@ -10,12 +10,12 @@ and every logit of class ``c`` is shifted by ``v * w_c`` during training.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from ._validation import real
 
 __all__ = ["class_weights"]
 
@@ -66,10 +66,8 @@ def class_weights(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
         that give every class the same frequency term 0, yield all zeros (no variation).
         Inside ``torch.compile`` a list of counts is traced into the graph.
     """
-    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not (
-            math.isfinite(smoothing) and smoothing >= 0):  # fmt: skip
-        raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
-    counts = _counts_as_float64(class_counts) + float(smoothing)
+    smoothing = real("smoothing", smoothing, minimum=0.0)
+    counts = _counts_as_float64(class_counts) + smoothing
     _require((counts > 0).all(), lambda: (
         f"class_counts has zero count for class(es) {torch.nonzero(counts == 0).flatten().tolist()}: log(0) makes "
         "their weight infinite; pass smoothing > 0 (for example smoothing=1.0) or fix the counts"))  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import integer
+from .._validation import integer, integer_ignore_index
 
 __all__ = [
     "count_classes",
@@ -39,7 +39,6 @@ __all__ = [
 # The counts are a list of C numbers (a JSON file, a BLVLoss buffer): far more classes than any
 # label set has, and few enough that a mistyped --num-classes cannot exhaust the memory.
 MAX_CLASSES = 2**20
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Cityscapes ships several maps per image, each with its own encoding (gtFine and gtCoarse alike):
 # a pattern that matches two of these kinds adds up pixels of different label spaces.
 CITYSCAPES_LABEL_KINDS = ("_labelTrainIds", "_labelIds", "_instanceTrainIds", "_instanceIds", "_color")
@@ -81,10 +80,6 @@ def _check_num_classes(num_classes) -> int:
     return integer("num_classes", num_classes, minimum=1, maximum=MAX_CLASSES)
 
 
-def _check_ignore_index(ignore_index) -> int:
-    return integer("ignore_index", ignore_index, minimum=INT64_MIN, maximum=INT64_MAX)
-
-
 def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -> list[int]:
     """Pixels per class over label maps (tensors or arrays of any shape), ``ignore_index`` excluded
     (also when it lies inside ``[0, num_classes)``: that class then counts 0).
@@ -93,7 +88,7 @@ def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -
     ``[0, num_classes)`` and is not ``ignore_index``.
     """
     num_classes = _check_num_classes(num_classes)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = integer_ignore_index(ignore_index)
     total = np.zeros(num_classes, dtype=np.int64)
     for i, item in enumerate(labels):
         array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
@@ -197,7 +192,7 @@ def count_label_files(
     per file; files that cannot be read are listed with their error.
     """
     num_classes = _check_num_classes(num_classes)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = integer_ignore_index(ignore_index)
     if workers is not None:
         workers = integer("workers", workers, minimum=1)
     _check_readers(paths, progress=progress)

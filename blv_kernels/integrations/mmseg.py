@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import real
+from .._validation import REDUCTIONS, check_reduction, real
 from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
 from .dataset_counts import load_counts
 
@@ -39,7 +39,6 @@ __all__ = ["MMSegBLVLoss"]
 
 # mmseg's weight_reduce_loss adds this to avg_factor (no division by zero when all is ignored)
 EPS = torch.finfo(torch.float32).eps
-REDUCTIONS = ("none", "mean", "sum")
 
 
 class MMSegBLVLoss(BLVLoss):
@@ -80,8 +79,7 @@ class MMSegBLVLoss(BLVLoss):
     ) -> None:
         if isinstance(class_counts, (str, os.PathLike)):
             class_counts = load_counts(class_counts)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_reduction(reduction)
         loss_weight = real("loss_weight", loss_weight)
         if not isinstance(avg_non_ignore, (bool, np.bool_)):
             raise TypeError(f"avg_non_ignore must be True or False, got {avg_non_ignore!r}")
@@ -139,10 +137,11 @@ class MMSegBLVLoss(BLVLoss):
 
     def _default_avg_factor(self, label: torch.Tensor, ignore_index: int):
         """mmseg's divisor for ``reduction="mean"`` (see the module docstring), computed without a host sync."""
-        valid = label.long() != ignore_index  # int64: a uint8 label compared with -100 would wrap around
+        label = label.long()  # int64: a uint8 label compared with -100 would wrap around
+        valid = label != ignore_index
         if self.weight is None:
             return valid.sum() if self.avg_non_ignore else label.numel()
-        per_position = self.weight[label.long().clamp(0, self.weight.numel() - 1)]
+        per_position = self.weight[label.clamp(0, self.weight.numel() - 1)]
         per_position = torch.where(valid, per_position, 0.0 if self.avg_non_ignore else 1.0)
         return per_position.sum()
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validation import check_target_values, integer, real
+from .._validation import check_target_values, integer, integer_ignore_index, real
 from ..weights import class_weights
 from ._modules import blv_losses
 
@@ -52,7 +52,7 @@ class ClassCounter:
         group=None,
     ) -> None:
         self.num_classes = integer("num_classes", num_classes, minimum=1)
-        self.ignore_index = integer("ignore_index", ignore_index, minimum=-(2**63), maximum=2**63 - 1)
+        self.ignore_index = integer_ignore_index(ignore_index)
         self.threshold = real("threshold (a softmax confidence)", threshold, minimum=0.0, maximum=1.0)
         self.ema_decay = None if ema_decay is None else real("ema_decay", ema_decay, minimum=0.0, below=1.0)
         self.smoothing = real("smoothing", smoothing, minimum=0.0)
