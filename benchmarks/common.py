@@ -158,6 +158,11 @@ def host_loop(fn, *, reps: int, warmup: int, grad_to_none=(), device: torch.devi
         synchronize(device)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
+    return quantiles(times)
+
+
+def quantiles(times: list[float]) -> list[float]:
+    """The ``QUANTILES`` of ``times`` (median, 20%, 80%)."""
     return torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
 
 

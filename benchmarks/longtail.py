@@ -99,7 +99,8 @@ from torch import nn
 from blv_kernels import BLVLoss, class_weights
 from blv_kernels.integrations import SigmaSchedule
 
-from .common import environment, resolve_device, stamp_line, write_json
+from .common import at_least, environment, resolve_device, stamp_line, write_json
+from .plots import pyplot
 
 PROG = "python -m benchmarks.longtail"
 BUILTIN_TASKS = ("digits", "segmentation")
@@ -782,12 +783,8 @@ def method_style(method: Method) -> dict:
 
 def plot_per_class(results: dict, methods: dict[str, list[Method]], path: Path) -> str:
     """Per-class test accuracy (mean over seeds) against training class frequency, one panel per task."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display on a benchmark machine
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "plot skipped: matplotlib is not installed (pip install '.[bench]')"
     fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.5), squeeze=False)
     for ax, (label, result) in zip(axes[0], results.items(), strict=True):
@@ -821,29 +818,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv) -> argparse.Namespace:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where longtail.json/png go")
     parser.add_argument("--task", action="append", help="digits, segmentation or module:function (repeatable; "
                         "default: digits and segmentation)")  # fmt: skip
     parser.add_argument("--methods", help=f"comma-separated: {METHOD_GRAMMAR} (default: per task)")
-    parser.add_argument("--seeds", type=positive_int, help="paired seeds 0..N-1 (default: digits 10, segmentation "
+    parser.add_argument("--seeds", type=at_least(1), help="paired seeds 0..N-1 (default: digits 10, segmentation "
                         f"8, your task {USER_TASK_SEEDS})")  # fmt: skip
-    parser.add_argument("--epochs", type=positive_int, help="override every task's number of epochs")
+    parser.add_argument("--epochs", type=at_least(1), help="override every task's number of epochs")
     parser.add_argument("--imbalance", type=float, default=100.0, help="digits: n_max / n_min of the training split")
-    parser.add_argument("--scenes", type=positive_int, default=256, help="segmentation: scenes in each split")
+    parser.add_argument("--scenes", type=at_least(1), default=256, help="segmentation: scenes in each split")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1; see above)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads (default 1; see above)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.imbalance) and args.imbalance >= 1):

@@ -32,6 +32,7 @@ from . import plots
 from .common import (
     DTYPES,
     IGNORE_INDEX,
+    QUANTILES,
     SIGMA,
     at_least,
     bench,
@@ -353,7 +354,7 @@ def main(argv=None) -> int:
     data = {
         "meta": {**environment(device), "benchmark": "loss", "size": size, "quick": args.quick, "profile": args.profile,
                  "note": note, "sigma": SIGMA, "ignore_index": IGNORE_INDEX, "compile_backend": args.compile_backend,
-                 "reps": args.reps, "quantiles": [0.5, 0.2, 0.8], "result_fields": list(RESULT_FIELDS)},
+                 "reps": args.reps, "quantiles": list(QUANTILES), "result_fields": list(RESULT_FIELDS)},
         "copy_bandwidth": copy_bandwidth(device, reps=args.reps),
         "providers": {name: {"label": spec.label, "description": spec.description, "available": problems.get(name) is None,
                              "reason": problems.get(name)} for name, spec in PROVIDERS.items()},

@@ -34,14 +34,23 @@ def _case_label(case: dict) -> str:
     return f"{case['case']}\n{'x'.join(map(str, case['shape']))}"
 
 
-def plot_loss(data: dict, out_dir: Path) -> str:
-    """Write loss_time.png and loss_bandwidth.png (forward+backward); returns a line saying what was done."""
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files only (no display on a benchmark machine), or None
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # files only: no display on a benchmark machine
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_loss(data: dict, out_dir: Path) -> str:
+    """Write loss_time.png and loss_bandwidth.png (forward+backward); returns a line saying what was done."""
+    plt = pyplot()
+    if plt is None:
         return "plots skipped: matplotlib is not installed (pip install '.[bench]')"
 
     rows = {(r["provider"], r["case"], r["dtype"]): r for r in data["results"] if r["pass"] == "fwd_bwd"}

@@ -36,6 +36,7 @@ from .common import (
     cpu_bf16_problem,
     environment,
     log,
+    quantiles,
     resolve_device,
     stamp_line,
     synchronize,
@@ -53,6 +54,7 @@ LOSSES = {  # name -> (label, blv_kernels backend or None for plain cross-entrop
     "blv_cpu": ("BLV CPU C++", "cpu"),
 }
 PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16}  # autocast dtype
+TABLE4_HEADER = ("precision", *(label for label, _ in LOSSES.values()), "spread")  # the table's columns
 # (rounds, iterations per round, warm-up iterations per loss) by default: a GPU run, the GPU
 # check's --quick, and the CPU's short profile (an iteration there takes about a second)
 PROFILES = {"gpu": (10, 5, 3), "quick": (6, 3, 3), "cpu": (3, 2, 1)}
@@ -175,7 +177,7 @@ def table4(data: dict) -> str:
         meta["note"],
         "ms/iteration: median over rounds [20%, 80%]; (+x%): overhead vs w/o BLV; spread: w/o BLV's (80%-20%)/median",
     ]
-    table = [["precision", *(label for label, _ in LOSSES.values()), "spread"]]
+    table = [list(TABLE4_HEADER)]
     for precision in PRECISIONS:
         rows = {r["loss"]: r for r in data["results"] if r["precision"] == precision}
         if rows:
@@ -332,9 +334,7 @@ def main(argv=None) -> int:
             if active:
                 per_round = time_precision(model, optimizer, active, images, labels, amp_dtype, args, device, deadline)
                 for loss, times in per_round.items():
-                    median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(
-                        torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
-                    ).tolist()  # fmt: skip
+                    median, p20, p80 = quantiles(times)
                     rows[loss].update(
                         status="ok", ms_per_iter=median, ms_p20=p20, ms_p80=p80, rounds=len(times), iters_per_round=args.iters
                     )  # fmt: skip
@@ -353,9 +353,8 @@ def main(argv=None) -> int:
         if skip_all is not None:
             log(f"  {precision}: skipped: {skip_all}")
         else:
-            headers = ["precision", *(label for label, _ in LOSSES.values()), "spread"]
             cells = table4_cells(precision, rows)
-            log("  " + " | ".join(f"{header}: {cell}" for header, cell in zip(headers, cells, strict=True)))
+            log("  " + " | ".join(f"{header}: {cell}" for header, cell in zip(TABLE4_HEADER, cells, strict=True)))
     log("")
     log(table4(data))
     log(f"\nwrote {args.out / 'training.json'}")

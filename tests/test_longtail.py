@@ -376,8 +376,8 @@ def make_task_with_a_bad_label(seed):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
-        (["--epochs", "x"], "--epochs: not an integer"),
+        (["--seeds", "0"], "--seeds: must be an integer >= 1, got 0"),
+        (["--epochs", "x"], "--epochs: expected an integer, got 'x'"),
         (["--imbalance", "0.5"], "--imbalance must be a number >= 1"),
         (["--methods", "ce,focal"], "unknown method 'focal'"),
         (["--methods", "blv-abs"], "unknown method 'blv-abs'"),
@@ -424,4 +424,4 @@ def test_command_line_error_has_no_traceback():
         [sys.executable, "-m", "benchmarks.longtail", "--seeds", "0"], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert result.returncode == 2
-    assert result.stderr == "python -m benchmarks.longtail: error: argument --seeds: must be >= 1, got 0\n"
+    assert result.stderr == "python -m benchmarks.longtail: error: argument --seeds: must be an integer >= 1, got 0\n"
