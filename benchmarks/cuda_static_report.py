@@ -54,8 +54,8 @@ def L(text, where=SOURCE):
     return (str(where), sass.line_of(where, text))
 
 
-def _options(k: _Kernels, pixel, lanes, groups, C):
-    """(branch decisions, loop trips) of lane 0's path: see the module docstring."""
+def _options(k: _Kernels, lanes: int, groups: int):
+    """(branch decisions, loop trips, default deciders) of lane 0's path: see the module docstring."""
     LINES = k.lines
 
     def Ls(text):
@@ -68,9 +68,12 @@ def _options(k: _Kernels, pixel, lanes, groups, C):
         taken, not_taken = branch.region(True), branch.region(False)
         return T if len(taken) < len(not_taken) else N
 
-    def something(branch):  # the side that runs code
-        return N if nothing(branch) is T else T
-
+    something = sass.other_side(nothing)  # the side that runs code
+    # the side that loads a 64-bit label; the side with the 8- or 16-byte access of a run
+    int64_labels = sass.side_with(lambda i: i.opcode.startswith("LDG.E.64"), "a 64-bit load")
+    vector_side = sass.side_with(
+        lambda i: i.base in ("LDG", "STG") and (".64" in i.opcode or ".128" in i.opcode), "a vector access"
+    )
     rules = [
         ("if (k < a.items) {", R(L("it.s0 = (k - it.n * a.per_image) * P;"))),
         ("if (a.x_aligned)", S(L("funnel<R::kWords>(w, shift);"))),  # aligned rows: no funnel
@@ -84,61 +87,29 @@ def _options(k: _Kernels, pixel, lanes, groups, C):
             R(L("load_class_values(pr.variation_weight, g, static_cast<int>(pr.C), w);")),
         ),
         ("if (nz.kind == kPolyErfinv)", R(L("p = p * x + -0.39945346117019653f;", MATH))),  # sigma 6: erfinv_poly
-        ("if (runs)", None),
         ("if (4 * g + kRun <= C)", S(L("load_strided(v + 4 * g, 1, C - 4 * g, 0.0f, out);"))),
-        ("if (a.loss_per_position != nullptr) {", S(L("store_run(out, loss);"))),
-        ("if (a.grad != nullptr) {", B),  # resolved below per line
+        ("if (a.loss_per_position != nullptr) {", S(L("store_run(out, loss);"))),  # "mean": no loss per position
         ("if (lane == 0) warp_sums[warp] = v;", B),
         ("if (warp == 0) {", B),
         ("if (threadIdx.x == 0)", B),
         # the guard of a lanes_max / lanes_sum loop, inlined at its caller: skipped with one lane
         ("= lanes_max(", T if lanes == 1 else N),
         ("= lanes_sum(", T if lanes == 1 else N),
+        ("if (smooth", nothing),  # no label smoothing
+        ("const float cw_t = !valid ? 0.0f : pr.class_weight", nothing),  # no class weights
+        ("const float pw = pr.position_weight != nullptr", nothing),  # no position weights
+        ("? pr.position_weight[it.n * pr.stride_wn", nothing),
+        ("    if (valid) {", something),  # a labelled position
+        ("if (!leader) return 0.0f;", nothing),
+        ("const float denom = a.denom != nullptr", something),  # "mean": the divisor is read
+        ("    if (p < it.count) {", R(L("const int64_t t = load_label(pr.target, pr.target_dtype, it.n"))),
+        ("if (dtype >= BLV_INT32)", int64_labels),
+        ("return dtype == BLV_INT64 ?", int64_labels),
+        ("if (runs)", vector_side),
+        ("if (pr.stride_xc == 1 && 4 * g + kRun <= pr.C)", vector_side),
+        ("if (a.stride_gc == 1 && 4 * g + kRun <= pr.C)", vector_side),
+        ("if (a.grad != nullptr) {", R(L("store_group<true, T, PIXEL, P>(pr, a, it, g, v);"))),
     ]
-    rules = [(t, d) for t, d in rules if d is not None and t not in ("if (a.grad != nullptr) {",)]
-
-    rules.append(("if (smooth", nothing))  # no label smoothing
-    rules.append(("const float cw_t = !valid ? 0.0f : pr.class_weight", nothing))  # no class weights
-    rules.append(("const float pw = pr.position_weight != nullptr", nothing))  # no position weights
-    rules.append(("? pr.position_weight[it.n * pr.stride_wn", nothing))
-    rules.append(("    if (valid) {", something))  # a labelled position
-    rules.append(("if (!leader) return 0.0f;", nothing))
-    rules.append(
-        ("const float denom = a.denom != nullptr", something)
-    )  # "mean": the divisor is read  # "mean": no loss per position to store
-    rules.append(("    if (p < it.count) {", R(L("const int64_t t = load_label(pr.target, pr.target_dtype, it.n"))))
-
-    def int64_labels(branch):  # the side that loads a 64-bit label
-        def loads64(taken):
-            return any(i.opcode.startswith("LDG.E.64") for b in branch.region(taken) for i in b.instructions)
-
-        if loads64(True) == loads64(False):
-            return None
-        return T if loads64(True) else N
-
-    for text in ("if (dtype >= BLV_INT32)", "return dtype == BLV_INT64 ?"):
-        rules.append((text, int64_labels))
-
-    def vector_side(branch):  # the side with the 8- or 16-byte access of a run
-        def vectors(taken):
-            return any(
-                i.base in ("LDG", "STG") and (".64" in i.opcode or ".128" in i.opcode)
-                for b in branch.region(taken)
-                for i in b.instructions
-            )
-
-        if vectors(True) == vectors(False):
-            return None
-        return T if vectors(True) else N
-
-    for text in (
-        "if (runs)",
-        "if (pr.stride_xc == 1 && 4 * g + kRun <= pr.C)",
-        "if (a.stride_gc == 1 && 4 * g + kRun <= pr.C)",
-    ):
-        rules.append((text, vector_side))
-    for line in Ls("if (a.grad != nullptr) {"):
-        rules.append((line, R(L("store_group<true, T, PIXEL, P>(pr, a, it, g, v);"))))
     # the unrolled group loops of the resident row: lane 0 holds ceil(G/L) = J groups in the cases
     # reported, so every body runs, but the smoothing one (no label smoothing)
     for line in Ls("if (4 * g + k < C) {"):  # every class of lane 0's groups is real: an upper bound at C = 19
@@ -155,20 +126,16 @@ def _options(k: _Kernels, pixel, lanes, groups, C):
     for line in Ls("if (g < groups"):
         smoothing = "float cw[kRun];" in LINES[line[1]]
         rules.append((line, nothing if smoothing else first_held))
+    # a lanes_max / lanes_sum loop's guard, wherever attributed: the side with its shuffle runs with L > 1
     shuffle_lines = {key[1] for key in Ls("__shfl_xor_sync(kFullMask, v, o)")}  # in lanes_max, lanes_sum
-
-    def lanes_loop(branch):  # a lanes_max / lanes_sum loop's guard, wherever attributed: runs with L > 1
-        def shuffles(taken):
-            return any(
-                i.base == "SHFL"
-                and any(loc.line in shuffle_lines and loc.file.endswith("blv_kernel.cu") for loc in i.locations)
-                for b in branch.region(taken)
-                for i in b.instructions
-            )
-
-        if shuffles(True) == shuffles(False):
-            return None
-        return (N if shuffles(True) else T) if lanes == 1 else (T if shuffles(True) else N)
+    shuffles = sass.side_with(
+        lambda i: (
+            i.base == "SHFL"
+            and any(loc.line in shuffle_lines and loc.file.endswith("blv_kernel.cu") for loc in i.locations)
+        ),
+        "a lanes_max / lanes_sum shuffle",
+    )
+    lanes_loop = sass.other_side(shuffles) if lanes == 1 else shuffles
 
     branches = {}
     for text, decision in rules:
@@ -194,7 +161,7 @@ def lanes_for(pixel: bool, num_classes: int) -> int:
 
 def case_report(k: _Kernels, dtype: str, pixel: bool, num_classes: int) -> tuple[int, sass.KernelReport]:
     lanes = lanes_for(pixel, num_classes)
-    branches, trips, defaults = _options(k, pixel, lanes, -(-num_classes // 4), num_classes)
+    branches, trips, defaults = _options(k, lanes, -(-num_classes // 4))
     name = k.kernel(dtype, pixel)
     walk = sass.walk(k.functions, name, trips=trips, branches=branches, default=[*defaults, sass.skip_slow_paths])
     elements = (128 // lanes) * (4 if pixel else 1) * num_classes  # a block's items x positions per item x C

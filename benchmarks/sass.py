@@ -433,11 +433,16 @@ class ControlFlowGraph:
 
     def __init__(self, function: Function):
         self.function = function
-        self.blocks = _split_blocks(function)
-        self.entry = self.blocks[0]
-        self.dominators = _dominators(self.entry)
-        self.blocks = [b for b in self.blocks if b in self.dominators]  # reachable ones
-        self.loops = _natural_loops(self.blocks, self.dominators)
+        blocks = _split_blocks(function)
+        self.entry = blocks[0]
+        order = _reverse_postorder(self.entry)  # the reachable blocks
+        predecessors: dict[Block, list[Block]] = {b: [] for b in order}
+        for b in order:
+            for s in b.successors:
+                predecessors[s].append(b)
+        self.dominators = _dominators(order, predecessors)
+        self.blocks = [b for b in blocks if b in self.dominators]  # the reachable ones, in address order
+        self.loops = _natural_loops(self.blocks, self.dominators, order, predecessors)
         self.latch_of = {latch: loop for loop in self.loops for latch in loop.latches}
         self.loops_at = {b: [loop for loop in self.loops if loop.header is b] for b in self.blocks}
         self._back_edges = {(latch, loop.header) for loop in self.loops for latch in loop.latches}
@@ -551,13 +556,10 @@ def _reverse_postorder(entry: Block) -> list[Block]:
     return order[::-1]
 
 
-def _dominators(entry: Block) -> dict[Block, set[Block]]:
-    """Every reachable block -> the blocks that dominate it (itself included)."""
-    order = _reverse_postorder(entry)
-    predecessors: dict[Block, list[Block]] = {b: [] for b in order}
-    for b in order:
-        for s in b.successors:
-            predecessors[s].append(b)
+def _dominators(order: list[Block], predecessors: Mapping[Block, list[Block]]) -> dict[Block, set[Block]]:
+    """Every reachable block (``order``: reverse postorder from the entry) -> the blocks that dominate it
+    (itself included)."""
+    entry = order[0]
     dom = {b: set(order) for b in order}
     dom[entry] = {entry}
     changed = True
@@ -598,20 +600,18 @@ def _immediate(pdom: dict[Block, set[Block]], block: Block) -> Block | None:
     return None if closest is _EXIT else closest
 
 
-def _natural_loops(blocks: list[Block], dom: dict[Block, set[Block]]) -> list[Loop]:
+def _natural_loops(
+    blocks: list[Block], dom: dict[Block, set[Block]], order: list[Block], predecessors: Mapping[Block, list[Block]]
+) -> list[Loop]:
     """One loop per header (its back edges merged), outermost first; irreducible flow is an error."""
-    order = {b: i for i, b in enumerate(_reverse_postorder(blocks[0]))}
+    rank = {b: i for i, b in enumerate(order)}  # reverse postorder
     latches: dict[Block, list[Block]] = {}
     for b in blocks:
         for s in b.successors:
             if s in dom[b]:
                 latches.setdefault(s, []).append(b)
-            elif order[s] <= order[b]:
+            elif rank[s] <= rank[b]:
                 raise NotImplementedError(f"irreducible control flow: {b} -> {s}")
-    predecessors: dict[Block, list[Block]] = {b: [] for b in blocks}
-    for b in blocks:
-        for s in b.successors:
-            predecessors[s].append(b)
     loops = []
     for header, tails in latches.items():
         body, stack = {header}, list(tails)
@@ -698,15 +698,35 @@ def runs(line: LineKey) -> Decider:
     return decide
 
 
-def skips(line: LineKey) -> Decider:
-    """Decide for the side without ``line``: the side whose code comes from ``line`` does not run."""
-    side = runs(line)
+def other_side(decider: Decider) -> Decider:
+    """Decide for the side ``decider`` does not pick (no decision where it makes none)."""
 
     def decide(branch: Branch) -> Decision | None:
-        decision = side(branch)
-        return {Decision.TAKEN: Decision.NOT_TAKEN, Decision.NOT_TAKEN: Decision.TAKEN}.get(decision)
+        return {Decision.TAKEN: Decision.NOT_TAKEN, Decision.NOT_TAKEN: Decision.TAKEN}.get(decider(branch))
 
+    decide.__qualname__ = f"other_side({getattr(decider, '__qualname__', repr(decider))})"
+    return decide
+
+
+def skips(line: LineKey) -> Decider:
+    """Decide for the side without ``line``: the side whose code comes from ``line`` does not run."""
+    decide = other_side(runs(line))
     decide.__qualname__ = f"skips({line!r})"
+    return decide
+
+
+def side_with(accepts: Callable[[Instruction], bool], name: str) -> Decider:
+    """Decide for the side holding an instruction ``accepts`` takes, when exactly one side holds one."""
+
+    def decide(branch: Branch) -> Decision | None:
+        taken, not_taken = (
+            any(accepts(i) for b in branch.region(side) for i in b.instructions) for side in (True, False)
+        )
+        if taken == not_taken:
+            return None
+        return Decision.TAKEN if taken else Decision.NOT_TAKEN
+
+    decide.__qualname__ = f"side_with({name})"
     return decide
 
 
@@ -715,20 +735,12 @@ def both_sides(branch: Branch) -> Decision:
     return Decision.BOTH
 
 
-def skip_slow_paths(branch: Branch) -> Decision | None:
-    """The side that does not call a runtime subroutine (``$__internal_...``: the slow path of a
-    64-bit division, of an IEEE fp64 division) runs, when exactly one side calls one."""
-
-    def calls(taken):
-        return any(
-            i.base == "CALL" and (i.target or "").startswith("$__internal_")
-            for b in branch.region(taken)
-            for i in b.instructions
-        )
-
-    if calls(True) == calls(False):
-        return None
-    return Decision.NOT_TAKEN if calls(True) else Decision.TAKEN
+# The side that does not call a runtime subroutine (``$__internal_...``: the slow path of a 64-bit
+# division, of an IEEE fp64 division) runs, when exactly one side calls one.
+skip_slow_paths = other_side(
+    side_with(lambda i: i.base == "CALL" and (i.target or "").startswith("$__internal_"), "a runtime call")
+)
+skip_slow_paths.__qualname__ = "skip_slow_paths"
 
 
 def convergent(branch: Branch) -> Decision | None:
@@ -1196,10 +1208,6 @@ def predict(
     return Prediction(1e3 * thread_instructions / (issue_rate * efficiency), 1e3 * bytes_moved / bandwidth)
 
 
-def predict_ms(thread_instructions: float, bytes_moved: float, efficiency: float, **rates) -> float:
-    return predict(thread_instructions, bytes_moved, efficiency, **rates).ms
-
-
 # ----------------------------------------------------------------------------------------------
 # Per-kernel report
 
@@ -1208,7 +1216,7 @@ def predict_ms(thread_instructions: float, bytes_moved: float, efficiency: float
 class KernelReport:
     kernel: str
     num_warps: int
-    elements: int  # logical elements one program covers: positions x real classes
+    elements: float  # logical elements one program covers (positions x real classes; a grid's mean)
     per_element: dict[str, float]  # thread instructions per element, by class
     registers: int | None = None
     spill_bytes: int | None = None
@@ -1218,19 +1226,9 @@ class KernelReport:
     def total(self) -> float:
         return sum(self.per_element.values())
 
-    def format(self) -> str:
-        lines = [f"{self.kernel}: {self.total:.1f} thread-instructions per element "
-                 f"({self.num_warps} warps, {self.elements} elements per program)"]  # fmt: skip
-        lines += [f"  {cls:8} {n:8.1f}" for cls, n in self.per_element.items() if n]
-        if self.registers is not None:
-            lines.append(f"  registers {self.registers}, spills {self.spill_bytes} B")
-        if self.occupancy is not None:
-            lines.append(f"  blocks per SM {self.occupancy.blocks} (limited by {self.occupancy.limiter})")
-        return "\n".join(lines)
-
 
 def report(
-    result: Walk, *, num_warps: int, elements: int, resources: Resources | None = None, dynamic_shared: int = 0,
+    result: Walk, *, num_warps: int, elements: float, resources: Resources | None = None, dynamic_shared: int = 0,
     philox: Sequence[SourceRange] | None = None,
 ) -> KernelReport:  # fmt: skip
     """Thread instructions per logical element by class, with registers, spills and occupancy."""

@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -147,19 +148,18 @@ def _partial_exit(branch: sass.Branch) -> sass.Decision | None:
     return sass.Decision.BOTH if branch.instruction.base == "EXIT" else None
 
 
+def compile_launch(launch: tk.Launch) -> sass.CompiledKernel:
+    """``launch`` compiled for sm_90 with the argument specialisation Triton's JIT would give it."""
+    signature, constexprs, attrs = specialise(launch)
+    return sass.compile_triton(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
+                               num_stages=launch.num_stages, maxnreg=launch.maxnreg, arch=ARCH, attrs=attrs)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class KernelRow:
-    case: str
-    kernel: str
-    registers: int
-    spill_bytes: int
-    blocks_per_sm: int
-    per_element: dict[str, float]  # thread-instructions per logical element of the whole tensor, by class
+    kernel: str  # the @triton.jit function
+    report: sass.KernelReport  # per logical element of the whole tensor
     memory_lines: list[str]  # what the executed memory instructions are: the kernel-file source lines
-
-    @property
-    def total(self) -> float:
-        return sum(self.per_element.values())
 
 
 def kernel_rows(case: Case) -> list[KernelRow]:
@@ -171,21 +171,16 @@ def kernel_rows(case: Case) -> list[KernelRow]:
     scale = tk.scale_launch(view.grad, grad_output)
     rows = []
     for launch in (label, loss, scale):
-        signature, constexprs, attrs = specialise(launch)
-        compiled = sass.compile_triton(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
-                                       num_stages=launch.num_stages, maxnreg=launch.maxnreg, arch=ARCH,
-                                       attrs=attrs)  # fmt: skip
+        compiled = compile_launch(launch)
         walk = sass.walk(sass.disassemble(compiled.cubin), compiled.name, **_walk_options(case, launch))
-        resources = sass.resource_usage(compiled.cubin)[compiled.name]
-        occupancy = sass.blocks_per_sm(resources.registers, 32 * compiled.num_warps,
-                                       resources.own_shared + compiled.shared)  # fmt: skip
-        # per program, then times the programs of the grid, over the elements of the whole tensor
-        programs = launch.grid[0] * launch.grid[1]
-        per_element = {cls: n * 32 * compiled.num_warps * programs / case.elements
-                       for cls, n in walk.by_class(PHILOX).items()}  # fmt: skip
+        # one program's walk over the elements a program covers on average: per element of the whole tensor
+        report = sass.report(
+            walk, num_warps=compiled.num_warps, elements=case.elements / (launch.grid[0] * launch.grid[1]),
+            resources=sass.resource_usage(compiled.cubin)[compiled.name], dynamic_shared=compiled.shared,
+            philox=PHILOX,
+        )  # fmt: skip
         memory_lines = sorted({_source_text(i) for i in walk.executions if sass.classify(i) == "memory"})
-        rows.append(KernelRow(case.name, launch.kernel.fn.__name__, resources.registers, resources.spill_bytes,
-                              occupancy.blocks, per_element, memory_lines))  # fmt: skip
+        rows.append(KernelRow(launch.kernel.fn.__name__, report, memory_lines))
     return rows
 
 
@@ -195,7 +190,7 @@ def _source_text(instruction: sass.Instruction) -> str:
     return _SOURCE[here.line - 1].strip() if here else "(kernel parameters)"
 
 
-_SOURCE = open(tk.__file__).read().splitlines()
+_SOURCE = Path(tk.__file__).read_text().splitlines()
 
 
 def step_bytes(case: Case) -> int:
@@ -206,16 +201,16 @@ def step_bytes(case: Case) -> int:
 
 def case_report(case: Case) -> dict:
     rows = kernel_rows(case)
-    per_element = {cls: sum(r.per_element[cls] for r in rows) for cls in sass.CLASSES}
+    per_element = {cls: sum(r.report.per_element[cls] for r in rows) for cls in sass.CLASSES}
     total = sum(per_element.values())
     efficiency = sass.calibrated_efficiency(case.num_classes)
     bytes_moved = step_bytes(case)
     prediction = sass.predict(total * case.elements, bytes_moved, efficiency)
     return {
         "case": case.name, "shape": list(case.shape), "dtype": _TYPES[case.dtype], "layout": case.layout,
-        "kernels": [{"kernel": r.kernel, "registers": r.registers, "spill_bytes": r.spill_bytes,
-                     "blocks_per_sm": r.blocks_per_sm, "per_element": r.per_element, "total": r.total,
-                     "memory_lines": r.memory_lines} for r in rows],
+        "kernels": [{"kernel": r.kernel, "registers": r.report.registers, "spill_bytes": r.report.spill_bytes,
+                     "blocks_per_sm": r.report.occupancy.blocks, "per_element": r.report.per_element,
+                     "total": r.report.total, "memory_lines": r.memory_lines} for r in rows],
         "per_element": per_element, "total_per_element": total, "bytes_per_element": bytes_moved / case.elements,
         "efficiency": efficiency, "predicted_ms": prediction.ms, "issue_ms": prediction.issue_ms,
         "memory_ms": prediction.memory_ms, "bound": prediction.bound,
@@ -238,10 +233,7 @@ def config_rows(max_classes: int = 8192) -> list[dict]:
                 case = Case((2, num_classes, 64, 64) if layout == "nchw" else (8192, num_classes), dtype, layout)
                 problem, scalar = meta_problem(case)
                 launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
-                signature, constexprs, attrs = specialise(launch)
-                compiled = sass.compile_triton(launch.kernel, signature, constexprs, num_warps=launch.num_warps,
-                                               num_stages=launch.num_stages, maxnreg=launch.maxnreg, arch=ARCH,
-                                               attrs=attrs)  # fmt: skip
+                compiled = compile_launch(launch)
                 resources = sass.resource_usage(compiled.cubin)[compiled.name]
                 rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,
                              "dtype": _TYPES[dtype], "layout": layout, "registers": resources.registers,

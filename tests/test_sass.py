@@ -174,7 +174,6 @@ def triton_dir(tmp_path_factory) -> Path:
             pytest.skip(f"{tool} not found (neither bundled with Triton nor on PATH)")
     out = tmp_path_factory.mktemp("triton_cubins")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     # a cache of its own: Triton's cache is keyed by the source, not its file, so a cubin cached
     # from another checkout would carry that checkout's paths in its line info
     env["TRITON_CACHE_DIR"] = str(out / "triton-cache")
@@ -474,7 +473,6 @@ def test_throughput_model():
     assert issue.ms == pytest.approx(2.0, rel=1e-3) and issue.bound == "issue"
     memory = sass.predict(thread_instructions=1e6, bytes_moved=6e9, efficiency=0.5)
     assert memory.ms == pytest.approx(2.0) and memory.bound == "memory"
-    assert sass.predict_ms(29.65e9, 0, 1.0) == pytest.approx(1.0, rel=1e-3)
     with pytest.raises(ValueError):
         sass.predict(1, 1, 0.0)
     assert [sass.calibrated_efficiency(c) for c in (10, 19, 150, 1000)] == [0.53, 0.53, 0.71, 0.71]

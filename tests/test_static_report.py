@@ -32,7 +32,6 @@ pytestmark = [
 
 def _report(*args: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-m", "benchmarks.static_report", "--json", *args], cwd=REPO_ROOT,
                             capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-3000:]
