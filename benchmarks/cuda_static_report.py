@@ -33,10 +33,12 @@ CASES = [  # (dtype, pixels contiguous, C, name)
 
 
 class _Kernels:
-    """The compiled kernel file: functions, resources, and its source lines."""
+    """The compiled kernel file: functions, resources, and its source lines; ``cubin``: an sm_90
+    build of it with line info (else it is compiled here)."""
 
-    def __init__(self) -> None:
-        cubin = sass.compile_cuda(SOURCE, options=["-std=c++17", "-O3", f"-I{build_csrc.CSRC}"])
+    def __init__(self, cubin: bytes | None = None) -> None:
+        if cubin is None:
+            cubin = sass.compile_cuda(SOURCE, options=["-std=c++17", "-O3", f"-I{build_csrc.CSRC}"])
         self.functions = sass.disassemble(cubin)
         self.usage = sass.resource_usage(cubin)
         self.lines = SOURCE.read_text().splitlines()

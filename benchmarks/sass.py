@@ -93,7 +93,8 @@ from pathlib import Path
 
 
 def find_tool(name: str) -> str | None:
-    """A CUDA tool (nvdisasm, cuobjdump, ptxas, nvcc): the one Triton bundles first, then PATH."""
+    """A CUDA tool (nvdisasm, cuobjdump, ptxas, nvcc): the one Triton bundles first, then the
+    toolkit's (``$CUDA_HOME/bin``, ``$CUDA_PATH/bin``, as ``build_csrc`` finds nvcc), then PATH."""
     try:
         import triton
 
@@ -102,7 +103,8 @@ def find_tool(name: str) -> str | None:
             return str(bundled)
     except ImportError:
         pass
-    return shutil.which(name)
+    homes = [os.environ.get(variable) for variable in ("CUDA_HOME", "CUDA_PATH")]
+    return next((str(Path(h, "bin", name)) for h in homes if h and Path(h, "bin", name).is_file()), shutil.which(name))
 
 
 def _require_tool(name: str) -> str:

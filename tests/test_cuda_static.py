@@ -11,11 +11,9 @@ piece of a misaligned run, 16-byte loads and stores in the gradient scaling.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,25 +21,19 @@ import pytest
 
 from blv_kernels.backends import build_csrc
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+
+from benchmarks import cuda_static_report, sass  # noqa: E402
+
 SOURCE = build_csrc.CSRC / "cuda" / "blv_kernel.cu"
 NVCC = build_csrc.compiler_path("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-
-
-def cuda_tool(name: str) -> str | None:
-    """A CUDA binary utility: on PATH, in $CUDA_HOME/bin, beside nvcc, or the copy Triton ships."""
-    candidates = [shutil.which(name)]
-    candidates += [str(Path(d, name)) for d in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if d]
-    if NVCC is not None:
-        candidates.append(str(Path(NVCC).resolve().parent / name))
-    triton = importlib.util.find_spec("triton")
-    if triton is not None and triton.submodule_search_locations:
-        candidates.append(str(Path(triton.submodule_search_locations[0], "backends", "nvidia", "bin", name)))
-    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
-
-
-CUOBJDUMP = cuda_tool("cuobjdump")
-needs_cuobjdump = pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (CUDA toolkit or triton)")
+needs_binary_tools = pytest.mark.skipif(
+    sass.find_tool("cuobjdump") is None or sass.find_tool("nvdisasm") is None,
+    reason="cuobjdump / nvdisasm not found (CUDA toolkit or triton)",
+)
 
 # What the launchers instantiate: the loss pass for each dtype, layout (pixel/class) and
 # residency (row in registers/streamed), the label pass, the gradient scaling for each dtype.
@@ -69,7 +61,7 @@ def kernel_name(mangled: str) -> str:
 @dataclass
 class Build:
     sm80: subprocess.CompletedProcess  # -arch=sm_80 -c
-    sm90: subprocess.CompletedProcess  # -arch=sm_90 -cubin, intermediates (the PTX) kept
+    sm90: subprocess.CompletedProcess  # -arch=sm_90 -cubin -lineinfo, intermediates (the PTX) kept
     directory: Path
 
 
@@ -79,7 +71,7 @@ def build(tmp_path_factory) -> Build:
     common = [NVCC, "-std=c++17", "-O3", f"-I{build_csrc.CSRC}", "-Werror", "all-warnings", "-Xptxas", "-v"]
     commands = [
         [*common, "-arch=sm_80", "-c", str(SOURCE), "-o", str(directory / "blv_kernel.o")],
-        [*common, "-arch=sm_90", "-cubin", "--keep", f"--keep-dir={directory}", str(SOURCE), "-o",
+        [*common, "-arch=sm_90", "-cubin", "-lineinfo", "--keep", f"--keep-dir={directory}", str(SOURCE), "-o",
          str(directory / "blv_kernel.cubin")],
     ]  # fmt: skip
     running = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
@@ -132,7 +124,7 @@ def launch_bounds(ptx: str) -> dict[str, tuple[int, int]]:
     return bounds
 
 
-@needs_cuobjdump
+@needs_binary_tools
 def test_every_kernel_fits_its_launch_bounds_without_spills(build):
     assert build.sm80.returncode == 0 and build.sm90.returncode == 0
     info = ptxas_info(build.sm80.stderr) | ptxas_info(build.sm90.stderr)
@@ -140,13 +132,11 @@ def test_every_kernel_fits_its_launch_bounds_without_spills(build):
     for (kernel, arch), i in info.items():
         assert (i.stack, i.spill_stores, i.spill_loads) == (0, 0, 0), (kernel, arch, i)
     bounds = launch_bounds((build.directory / "blv_kernel.ptx").read_text())
-    usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", str(build.directory / "blv_kernel.cubin")],
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     registers = {}
-    for m in re.finditer(r"Function (\w+):\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage):
-        kernel, reg, stack, local = kernel_name(m.group(1)), *map(int, m.groups()[1:])
-        assert stack == 0 and local == 0, (kernel, stack, local)
-        registers[kernel] = reg
+    for mangled, usage in sass.resource_usage((build.directory / "blv_kernel.cubin").read_bytes()).items():
+        kernel = kernel_name(mangled)
+        assert usage.stack == 0 and usage.local == 0, (kernel, usage)
+        registers[kernel] = usage.registers
     assert set(registers) == set(bounds) == EXPECTED
     for kernel, (threads, blocks) in bounds.items():
         # an SM's 64K registers shared by `blocks` blocks of `threads`; ptxas caps a thread at 255
@@ -156,23 +146,13 @@ def test_every_kernel_fits_its_launch_bounds_without_spills(build):
             assert info[kernel, arch].registers <= limit, (kernel, arch, info[kernel, arch].registers)
 
 
-def sass_by_kernel(cubin: Path) -> dict[str, str]:
-    text = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    parts = re.split(r"\n\s*Function : (\w+)\n", text)
-    return {kernel_name(parts[i]): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-
-
-def opcodes(sass: str) -> set[str]:
-    return set(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
-
-
-@needs_cuobjdump
+@needs_binary_tools
 def test_vector_accesses_are_single_instructions(build):
     assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
-    sass = sass_by_kernel(build.directory / "blv_kernel.cubin")
-    assert set(sass) == EXPECTED
-    for kernel, code in sass.items():
-        ops = opcodes(code)
+    functions = sass.disassemble((build.directory / "blv_kernel.cubin").read_bytes())
+    ops_by_kernel = {kernel_name(f.name): {i.opcode for i in f.instructions} for f in functions.values() if f.entry}
+    assert set(ops_by_kernel) == EXPECTED
+    for kernel, ops in ops_by_kernel.items():
         if kernel.startswith("loss_kernel<float"):
             # a run of 4 fp32 logits: one 16-byte read-only load (two when misaligned, funnel-
             # shifted); its gradient: one 16-byte evict-first store, or 8-byte pieces
@@ -187,17 +167,13 @@ def test_vector_accesses_are_single_instructions(build):
         assert not {o for o in ops if o.startswith(("LDL", "STL"))}, kernel  # no local memory
 
 
-def test_the_static_instruction_report_walks_every_case():
+@needs_binary_tools
+def test_the_static_instruction_report_walks_every_case(build):
     # benchmarks/cuda_static_report.py decides every branch of the loss kernel by rules keyed by
     # source lines; a kernel change the rules do not know raises instead of miscounting
-    import sys
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)  # benchmarks/ belongs to the repository, not to the installed package
-    from benchmarks import cuda_static_report as report
-
-    kernels = report._Kernels()
+    assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
+    report = cuda_static_report
+    kernels = report._Kernels((build.directory / "blv_kernel.cubin").read_bytes())
     for dtype, pixel, num_classes, name in report.CASES:
         lanes, result = report.case_report(kernels, dtype, pixel, num_classes)
         assert lanes == report.lanes_for(pixel, num_classes)
