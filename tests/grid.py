@@ -150,23 +150,33 @@ def check_matches_reference(backend: str, case: Case, gen: torch.Generator) -> N
     assert grad.dtype == case.dtype and grad.shape == inputs.logits.shape
     if case.layout in ("contiguous", "channels_last"):  # the gradient keeps the logits' layout
         assert grad.stride() == inputs.logits.stride()
-    ref_loss, ref_grad = loss_and_grad("reference", case, inputs, seed, grad_out)
-    if case.dtype == torch.float32:
+    reference = loss_and_grad("reference", case, inputs, seed, grad_out)
+    # Low precision: the reference computes in float32 and rounds its result to the dtype once; a
+    # fused backend may round it the other way (half an ulp of the dtype at the result's scale),
+    # and its gradient twice: in the forward (for a grad_output of 1) and again when the backward
+    # scales it by grad_output, which adds |grad_output| times that rounding. Triton's CPU
+    # interpreter truncates fp32 -> bf16 where GPUs round to nearest: a full ulp there.
+    truncates = backend == "triton" and DEVICE == "cpu" and case.dtype == torch.bfloat16
+    assert_as_close_as_reference(
+        case.dtype, (loss, grad), reference,
+        lambda: loss_and_grad("reference", case, inputs, seed, grad_out.double(), inputs.logits.double()),
+        ulps=1.0 if truncates else 0.5, grad_roundings=1.0 + grad_out.abs().max().item(),
+    )  # fmt: skip
+
+
+def assert_as_close_as_reference(dtype, ours, reference, ground_truth, *, ulps: float = 0.5,
+                                 grad_roundings: float = 1.0) -> None:  # fmt: skip
+    """A backend's (loss, gradient) against the reference's: float32 within 1e-5 (relative; the
+    gradient 1e-6 absolute); float16 / bfloat16 no further from the float64 ground truth
+    (``ground_truth()``: the reference on the logits in float64) than the reference, plus ``ulps``
+    of the dtype at the result's scale, once for the loss and ``grad_roundings`` times for the gradient."""
+    (loss, grad), (ref_loss, ref_grad) = ours, reference
+    if dtype == torch.float32:
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, equal_nan=True)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
         return
-    # Low precision. The ground truth is the reference on the same logits in float64. The
-    # reference computes in float32 and rounds its result to the dtype once; a fused backend may
-    # round it the other way (half an ulp of the dtype at the result's scale), and its gradient
-    # twice: in the forward (for a grad_output of 1) and again when the backward scales it by
-    # grad_output, which adds |grad_output| times that rounding. Triton's CPU interpreter
-    # truncates fp32 -> bf16 where GPUs round to nearest: a full ulp there.
-    gt_loss, gt_grad = loss_and_grad("reference", case, inputs, seed, grad_out.double(), inputs.logits.double())
-    truncates = backend == "triton" and DEVICE == "cpu" and case.dtype == torch.bfloat16
-    ulps = 1.0 if truncates else 0.5
-    eps = torch.finfo(case.dtype).eps
-    scaled = 1.0 + grad_out.abs().max().item()
-    for ours, ref, gt, roundings in [(loss, ref_loss, gt_loss, 1.0), (grad, ref_grad, gt_grad, scaled)]:
-        our_err = (ours.double() - gt).abs().max()
-        ref_err = (ref.double() - gt).abs().max()
+    gt_loss, gt_grad = ground_truth()
+    eps = torch.finfo(dtype).eps
+    for mine, ref, gt, roundings in [(loss, ref_loss, gt_loss, 1.0), (grad, ref_grad, gt_grad, grad_roundings)]:
+        our_err, ref_err = (mine.double() - gt).abs().max(), (ref.double() - gt).abs().max()
         assert our_err <= ref_err + roundings * ulps * eps * gt.abs().max(), (our_err, ref_err)

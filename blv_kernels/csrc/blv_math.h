@@ -30,7 +30,14 @@ constexpr int kPhiloxRounds = 10;
 // float32 (blv_kernels.noise.variation_params; [0, 1] for sigma = 0, which gives v = 0). The
 // polynomial erfinv serves when threshold <= kErfinvPolyMax, else Giles' (one log).
 constexpr float kErfinvPolyMax = 0.7f;
-enum ErfinvKind { kPolyErfinv = 1, kGilesErfinv = 2 };
+enum VariationKind { kNoVariation = 0, kPolyErfinv = 1, kGilesErfinv = 2 };
+
+// The kind of a call's variation, the same for every word: sigma = 0 ([scale, threshold] = [0, 1])
+// gives v = 0 for every word, so z = x without the stream; else the erfinv that serves threshold.
+BLV_HD int variation_kind(float scale, float threshold) {
+  if (scale == 0.0f && threshold >= 1.0f) return kNoVariation;
+  return threshold <= kErfinvPolyMax ? kPolyErfinv : kGilesErfinv;
+}
 
 // Philox4x32-10 on counter (c[0], c[1], c[2], c[3]) with key (k0, k1), in place. Each round's
 // products are formed once as 64-bit values, their high and low halves read from them (one wide

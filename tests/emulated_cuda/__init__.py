@@ -18,7 +18,7 @@ HEADER = HERE / "cuda_emulation.h"
 INCLUDE = HERE / "include"  # <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h>: the emulation's
 # -x c++: a .cu as C++. No FMA contraction: __fmul_rn must stay a rounded product. -O2: -O3 builds
 # slower and runs no faster here.
-FLAGS = ("-x", "c++", f"-I{INCLUDE}", "-include", str(HEADER), "-ffp-contract=off", "-O2")
+FLAGS = ("-x", "c++", f"-I{INCLUDE}", "-ffp-contract=off", "-O2")
 INPUTS = (HEADER, *sorted(INCLUDE.glob("*.h")))
 LIBRARY = build_csrc.Library("cuda-emulated", ("cuda/blv_kernel.cu",), "c++", extra_flags=FLAGS, extra_inputs=INPUTS)
 

@@ -1,5 +1,6 @@
 // CUDA emulated on the host, so that g++ compiles an unmodified .cu file and the tests run its
-// kernels on a CPU:  g++ -x c++ -I tests/emulated_cuda/include -include cuda_emulation.h file.cu
+// kernels on a CPU:  g++ -x c++ -I tests/emulated_cuda/include file.cu  (the include/ headers
+// <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h> bring this one in). It provides what our kernels use.
 //
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack, on one OS thread per
 // worker; blocks are spread over the workers. A fiber runs until it reaches a barrier:
@@ -17,7 +18,7 @@
 // kernel)(args...) replaces <<<...>>>; a launch runs to completion before it returns, and
 // cudaGetLastError / cudaGetErrorString report it (the string with the emulation's details).
 // __shared__ is per worker thread, i.e. per block. Half and bfloat16 conversions round to
-// nearest even, bit for bit like the hardware; __expf and the other math are the host's libm.
+// nearest even, bit for bit like the hardware; the other math is the host's libm.
 #pragma once
 
 #include <sys/mman.h>
@@ -43,10 +44,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static thread_local  // a worker runs one block at a time: per block
-#define __align__(n) alignas(n)
 
 // ------------------------------------------------------------------ types
 
@@ -63,12 +62,8 @@ struct alignas(16) uint4 {
 struct alignas(8) float2 {
   float x, y;
 };
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline float2 make_float2(float x, float y) { return {x, y}; }
 
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError {
@@ -149,7 +144,6 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2
 
 inline float __uint_as_float(unsigned u) { return blv_emu::bits<float>(u); }
 inline unsigned __float_as_uint(float f) { return blv_emu::bits<unsigned>(f); }
-inline float __expf(float x) { return std::exp(x); }
 inline float __fmul_rn(float a, float b) { return a * b; }  // the emulation builds with -ffp-contract=off
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((static_cast<uint64_t>(hi) << 32) | lo) >> (shift & 31u));
@@ -157,10 +151,6 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
 template <typename A, typename B, typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
 inline std::common_type_t<A, B> min(A a, B b) {
   return a < b ? a : b;
-}
-template <typename A, typename B, typename = std::enable_if_t<std::is_arithmetic_v<A> && std::is_arithmetic_v<B>>>
-inline std::common_type_t<A, B> max(A a, B b) {
-  return a < b ? b : a;
 }
 
 // ------------------------------------------------------------------ threads, blocks, barriers
@@ -205,7 +195,7 @@ struct Fiber {
   uint64_t result = 0;  // a shuffle's value for this lane
 };
 
-enum class ShuffleKind { kIndex, kUp, kDown, kXor };
+enum class ShuffleKind { kDown, kXor };
 
 struct Shuffle {  // a warp's pending shuffle at one call site
   Site site;
@@ -304,8 +294,6 @@ inline void syncthreads(const Site& site) {
 inline int source_lane(ShuffleKind kind, int lane, int operand, int width) {
   const int base = lane / width * width, offset = lane % width;
   switch (kind) {
-    case ShuffleKind::kIndex: return base + (operand % width + width) % width;
-    case ShuffleKind::kUp: return offset - operand >= 0 ? lane - operand : lane;
     case ShuffleKind::kDown: return offset + operand < width ? lane + operand : lane;
     default: {
       const int source = lane ^ operand;
@@ -574,11 +562,6 @@ inline cudaError_t cudaGetLastError() {
   return code;
 }
 
-inline cudaError_t cudaPeekAtLastError() {
-  std::lock_guard<std::mutex> lock(blv_emu::last_error.mutex);
-  return blv_emu::last_error.code;
-}
-
 // The emulation's description of the last failure with this code (block, thread, site), else its name.
 inline const char* cudaGetErrorString(cudaError_t code) {
   std::lock_guard<std::mutex> lock(blv_emu::last_error.mutex);
@@ -598,17 +581,6 @@ inline void __syncthreads(const char* file = __builtin_FILE(), int line = __buil
   blv_emu::syncthreads({"__syncthreads", file, line});
 }
 
-template <typename V>
-V __shfl_sync(unsigned mask, V v, int lane, int width = warpSize, const char* file = __builtin_FILE(),
-              int line = __builtin_LINE()) {
-  return blv_emu::shuffle(blv_emu::ShuffleKind::kIndex, mask, v, lane, width, {"__shfl_sync", file, line});
-}
-template <typename V>
-V __shfl_up_sync(unsigned mask, V v, unsigned delta, int width = warpSize, const char* file = __builtin_FILE(),
-                 int line = __builtin_LINE()) {
-  return blv_emu::shuffle(blv_emu::ShuffleKind::kUp, mask, v, static_cast<int>(delta), width,
-                          {"__shfl_up_sync", file, line});
-}
 template <typename V>
 V __shfl_down_sync(unsigned mask, V v, unsigned delta, int width = warpSize, const char* file = __builtin_FILE(),
                    int line = __builtin_LINE()) {

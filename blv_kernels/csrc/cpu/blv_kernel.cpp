@@ -49,7 +49,6 @@ constexpr int64_t kBlockElements = int64_t{1} << 15;     // about this many logi
 constexpr int64_t kLabelBlockPositions = int64_t{1} << 14;
 constexpr int64_t kScaleBlockElements = int64_t{1} << 16;
 constexpr int64_t kMinElementsPerThread = int64_t{1} << 16;  // below this a thread costs more than it saves
-constexpr int kNoVariation = 0;  // sigma = 0: v = 0, no Philox (the erfinv kinds are blv::ErfinvKind)
 
 enum ErrorCode { kSuccess = 0, kInvalidProblem = 1, kInvalidOutputs = 2, kOutOfMemory = 3 };
 
@@ -220,7 +219,7 @@ struct LossCall {
   void* grad;
   int64_t stride_gn, stride_gc, stride_gs;
   int64_t block_positions;
-  uint32_t k0, k1;  // the Philox key
+  uint64_t seed;  // the Philox key
   float scale, threshold;
   blv::Mode mode;          // "abs" or "clamp" as arithmetic (blv::mode_of)
   float denom;             // "mean": the divisor; else 1
@@ -229,10 +228,12 @@ struct LossCall {
   float weight_sum;        // W = sum_c cw_c
 };
 
-// Philox words of class group g for a tile's positions: words[k][j] is word k of position j.
+// Philox words of class group g for a tile's positions: words[k][j] is word k of position j
+// (philox_words over the tile, its counters' halves in arrays, so the loop vectorises).
 template <int TILE>
-inline void tile_words(const uint32_t* __restrict q_lo, const uint32_t* __restrict q_hi, uint32_t g, uint32_t k0,
-                       uint32_t k1, uint32_t (*__restrict words)[TILE]) {
+inline void tile_words(const uint32_t* __restrict q_lo, const uint32_t* __restrict q_hi, uint32_t g, uint64_t seed,
+                       uint32_t (*__restrict words)[TILE]) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int j = 0; j < TILE; ++j) {
     uint32_t counter[4] = {q_lo[j], q_hi[j], g, 0u};
     philox4x32_10(counter, k0, k1);
@@ -340,7 +341,7 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
   const T* __restrict x = static_cast<const T*>(pr.logits);
   for (int64_t g = 0; 4 * g < C; ++g) {
     alignas(64) uint32_t words[4][TILE];
-    if (KIND != kNoVariation) tile_words<TILE>(tile.q_lo, tile.q_hi, static_cast<uint32_t>(g), k.k0, k.k1, words);
+    if (KIND != kNoVariation) tile_words<TILE>(tile.q_lo, tile.q_hi, static_cast<uint32_t>(g), k.seed, words);
     for (int64_t c = 4 * g; c < std::min(4 * g + 4, C); ++c) {
       load_row<D, TILE, CONTIGUOUS>(x, tile.x_offset, c * sxc, row);
       const uint32_t* __restrict word = words[c - 4 * g];
@@ -451,11 +452,10 @@ float loss_row(const LossCall& k, int64_t p, float* __restrict scratch) {
   //    then z = x + v * w over it and its maximum
   if (KIND != kNoVariation) {
     const uint64_t q = static_cast<uint64_t>(pr.offset) + static_cast<uint64_t>(p);
-    const uint32_t q_lo = static_cast<uint32_t>(q), q_hi = static_cast<uint32_t>(q >> 32);
     for (int64_t g = 0; 4 * g < C; ++g) {
-      uint32_t counter[4] = {q_lo, q_hi, static_cast<uint32_t>(g), 0u};
-      philox4x32_10(counter, k.k0, k.k1);
-      for (int i = 0; i < 4; ++i) z[4 * g + i] = variation<KIND>(counter[i], scale, threshold, mode);
+      uint32_t words[4];
+      philox_words(words, q, static_cast<uint32_t>(g), k.seed);
+      for (int i = 0; i < 4; ++i) z[4 * g + i] = variation<KIND>(words[i], scale, threshold, mode);
     }
   }
   alignas(64) float lane_max[kLanes], lane_d[kLanes], lane_smooth[kLanes];
@@ -550,13 +550,6 @@ void (*loss_block_for(int kind))(const LossCall&, int64_t, float*) {
   }
 }
 
-// The erfinv kind, decided once per call; sigma = 0 ([scale, threshold] = [0, 1]) gives v = 0
-// for every word, so z = x without the stream.
-int variation_kind(float scale, float threshold) {
-  if (scale == 0.0f && threshold >= 1.0f) return kNoVariation;
-  return threshold <= kErfinvPolyMax ? kPolyErfinv : kGilesErfinv;
-}
-
 template <typename D>
 void scale_block(void* grad, int64_t numel, float factor, int64_t block) {
   typename D::Storage* g = static_cast<typename D::Storage*>(grad);
@@ -628,9 +621,7 @@ extern "C" int blv_loss_pass(const BlvProblem* problem, const float* denom, void
   k.stride_gc = stride_gc;
   k.stride_gs = stride_gs;
   k.block_positions = loss_block_positions(k.pr.C);
-  const uint64_t seed = static_cast<uint64_t>(*k.pr.seed);
-  k.k0 = static_cast<uint32_t>(seed);
-  k.k1 = static_cast<uint32_t>(seed >> 32);
+  k.seed = static_cast<uint64_t>(*k.pr.seed);
   k.scale = k.pr.variation_params[0];
   k.threshold = k.pr.variation_params[1];
   k.mode = blv::mode_of(k.pr.clamp_mode != 0);
@@ -645,7 +636,7 @@ extern "C" int blv_loss_pass(const BlvProblem* problem, const float* denom, void
   for (int64_t c = 0; c < k.pr.C; ++c) k.weight_sum += k.class_weights[c];
   k.rows = k.pr.stride_xc == 1 && (grad == nullptr || stride_gc == 1) && k.pr.C >= kRowsMinClasses;
 
-  const int kind = variation_kind(k.scale, k.threshold);
+  const int kind = blv::variation_kind(k.scale, k.threshold);
   void (*block_fn)(const LossCall&, int64_t, float*) =
       k.pr.logits_dtype == BLV_FLOAT32   ? loss_block_for<Float32>(kind)
       : k.pr.logits_dtype == BLV_FLOAT16 ? loss_block_for<Float16>(kind)

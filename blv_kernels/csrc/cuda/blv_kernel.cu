@@ -66,7 +66,6 @@ constexpr int kPixelGroups = 5;  // J of the pixel layout: 5 groups x 4 classes 
 constexpr int kClassGroups = 8;  // J of the class layout: 8 groups x 4 classes
 constexpr int kLabelsPerThread = 4;
 constexpr int kScaleBlocks = 2048;  // grid-stride cap of the gradient scaling
-constexpr int kNoVariation = 0;     // beside blv_math.h's kPolyErfinv, kGilesErfinv
 constexpr float kLog2e = 1.4426950408889634f;
 
 enum Status : int { kOk = 0, kBadDtype = 1, kBadProblem = 2, kGridTooLarge = 3, kCudaError = 1000 };
@@ -756,9 +755,7 @@ __global__ void __launch_bounds__(kLossThreads, kMinBlocks<PIXEL, STREAM>)
   nz.threshold = pr.variation_params[1];
   nz.mode = mode_of(pr.clamp_mode != 0);
   nz.seed = static_cast<uint64_t>(*pr.seed);
-  nz.kind = nz.scale == 0.0f && nz.threshold >= 1.0f ? kNoVariation  // v = 0 for every word
-            : nz.threshold <= kErfinvPolyMax          ? kPolyErfinv
-                                                      : kGilesErfinv;
+  nz.kind = variation_kind(nz.scale, nz.threshold);
   float loss;
   if constexpr (STREAM)
     loss = streamed_row<T, PIXEL>(pr, a, nz, k, lane);
