@@ -43,16 +43,14 @@ class BuildPyWithKernels(build_py):
 
     def run(self):
         super().run()
+        build_csrc = _build_csrc()
         if getattr(self, "editable_mode", False):  # the package is imported from the source tree: build there
-            lib = HERE / "blv_kernels" / "_lib"
+            lib = build_csrc.PREBUILT
         else:  # a wheel holds what this build asked for, not a library left in build/ or _lib/ by an earlier one
             lib = Path(self.build_lib, "blv_kernels", "_lib")
             shutil.rmtree(lib, ignore_errors=True)
-        requested = _requested()
-        if requested:
-            build_csrc = _build_csrc()
-            for name in requested:
-                build_csrc.build_prebuilt(build_csrc.LIBRARIES[name], lib)
+        for name in _requested():
+            build_csrc.build_prebuilt(build_csrc.LIBRARIES[name], lib)
 
 
 class KernelsDistribution(Distribution):

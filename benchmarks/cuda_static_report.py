@@ -38,7 +38,7 @@ class _Kernels:
 
     def __init__(self, cubin: bytes | None = None) -> None:
         if cubin is None:
-            cubin = sass.compile_cuda(SOURCE, options=["-std=c++17", "-O3", f"-I{build_csrc.CSRC}"])
+            cubin = sass.compile_cuda(SOURCE, options=build_csrc.source_flags())
         self.functions = sass.disassemble(cubin)
         self.usage = sass.resource_usage(cubin)
         self.lines = SOURCE.read_text().splitlines()

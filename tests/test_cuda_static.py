@@ -68,7 +68,7 @@ class Build:
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Build:
     directory = tmp_path_factory.mktemp("cuda_static")
-    common = [NVCC, "-std=c++17", "-O3", f"-I{build_csrc.CSRC}", "-Werror", "all-warnings", "-Xptxas", "-v"]
+    common = [NVCC, *build_csrc.source_flags(), "-Werror", "all-warnings", "-Xptxas", "-v"]
     commands = [
         [*common, "-arch=sm_80", "-c", str(SOURCE), "-o", str(directory / "blv_kernel.o")],
         [*common, "-arch=sm_90", "-cubin", "-lineinfo", "--keep", f"--keep-dir={directory}", str(SOURCE), "-o",

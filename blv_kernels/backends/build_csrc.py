@@ -61,20 +61,20 @@ def cuda_archs() -> list[str]:
     return [a for a in archs.replace(" ", ";").split(";") if a]
 
 
+def source_flags() -> list[str]:
+    """What every compile of csrc/ gets, library or not: the language, the optimisation, the include path."""
+    return ["-O3", "-std=c++17", f"-I{CSRC}"]
+
+
 def flags(library: Library, *, portable: bool) -> list[str]:
     """Compiler flags; ``portable``: no ``-march=native`` (a library built for other machines)."""
-    include = f"-I{CSRC}"
     if library.compiler == "nvcc":
-        gencode = []
-        for arch in cuda_archs():
-            number = arch.removesuffix("+PTX").replace(".", "")
-            gencode.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-        last = cuda_archs()[-1].removesuffix("+PTX").replace(".", "")
-        gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")
-        return ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", include, *gencode,
-                *library.extra_flags]  # fmt: skip
+        numbers = [arch.removesuffix("+PTX").replace(".", "") for arch in cuda_archs()]
+        gencode = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in numbers]
+        gencode.append(f"-gencode=arch=compute_{numbers[-1]},code=compute_{numbers[-1]}")
+        return [*source_flags(), "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *gencode, *library.extra_flags]
     native = [] if portable else ["-march=native"]
-    return ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", *native, include, *library.extra_flags]
+    return [*source_flags(), "-shared", "-fPIC", "-pthread", *native, *library.extra_flags]
 
 
 def sources_digest(library: Library) -> str:

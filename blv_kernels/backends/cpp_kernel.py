@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import subprocess
 import threading
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -51,14 +51,13 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 
 class CompiledKernels:
-    """The kernels of one shared library, run on tensors of ``device_type``."""
+    """The kernels of one shared library, on the device of the tensors they are given."""
 
-    def __init__(self, path: Path, device_type: str, name: str | None = None) -> None:
-        self.device_type = device_type
-        self.name = name or device_type  # what errors call these kernels
+    def __init__(self, path: Path, name: str) -> None:
+        self.name = name  # what errors call these kernels ("cpu", "cuda", ...)
         lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
         problem, void, i32, i64 = ctypes.POINTER(BlvProblem), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-        for name, args, result in [
+        for function_name, args, result in [
             ("blv_label_blocks", [problem], i64),
             ("blv_label_pass", [problem, void, void, void, ctypes.c_int], ctypes.c_int),
             ("blv_loss_blocks", [problem], i64),
@@ -66,7 +65,7 @@ class CompiledKernels:
             ("blv_scale_grad", [void, i32, i64, void, void, ctypes.c_int], ctypes.c_int),
             ("blv_error_string", [ctypes.c_int], ctypes.c_char_p),
         ]:
-            function = getattr(lib, name)
+            function = getattr(lib, function_name)
             function.argtypes, function.restype = args, result
         self.lib = lib
 
@@ -74,11 +73,12 @@ class CompiledKernels:
         if code != 0:
             raise RuntimeError(f"blv_kernels {self.name} kernels, {what}: {self.lib.blv_error_string(code).decode()}")
 
-    def _launch(self, device: torch.device) -> tuple[int | None, int]:
-        """(stream, threads): the current CUDA stream, or the CPU's intra-op thread count."""
+    def _launch(self, device: torch.device) -> tuple[int | None, int, AbstractContextManager]:
+        """(stream, threads, the device made current): the current CUDA stream, or the CPU's intra-op
+        thread count."""
         if device.type == "cuda":
-            return torch.cuda.current_stream(device).cuda_stream, 0
-        return None, torch.get_num_threads()
+            return torch.cuda.current_stream(device).cuda_stream, 0, torch.cuda.device(device)
+        return None, torch.get_num_threads(), nullcontext()
 
     def forward(self, problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
@@ -95,9 +95,9 @@ class CompiledKernels:
             REDUCTIONS[problem.reduction], problem.mode == "clamp", problem.label_smoothing,
         )  # fmt: skip
         device = logits.device
-        stream, threads = self._launch(device)
+        stream, threads, current = self._launch(device)
         f32 = dict(dtype=torch.float32, device=device)
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        with current:
             label_blocks = self.lib.blv_label_blocks(c_problem)
             weight_sums = torch.empty(label_blocks, **f32)
             bad_counts = torch.empty(label_blocks, dtype=torch.int32, device=device)
@@ -120,8 +120,8 @@ class CompiledKernels:
 
     def scale_grad_(self, grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         """grad *= grad_output (a one-element float32 tensor), in place; nothing happens when it is exactly 1."""
-        stream, threads = self._launch(grad.device)
-        with torch.cuda.device(grad.device) if grad.device.type == "cuda" else nullcontext():
+        stream, threads, current = self._launch(grad.device)
+        with current:
             code = self.lib.blv_scale_grad(_pointer(grad), FLOAT_TYPES[grad.dtype], grad.numel(),
                                            _pointer(grad_output.reshape(())), stream, threads)  # fmt: skip
         self._check(code, "gradient scaling")

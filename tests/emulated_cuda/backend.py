@@ -17,7 +17,7 @@ from . import LIBRARY
 
 @functools.cache
 def kernels() -> CompiledKernels:
-    return CompiledKernels(build_csrc.library_path(LIBRARY, quiet=True), "cpu", name="emulated CUDA")
+    return CompiledKernels(build_csrc.library_path(LIBRARY, quiet=True), "emulated CUDA")
 
 
 def forward(problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
