@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._layout import as_ncs, empty_gradient
+from .._layout import ncs_tensors
 from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 from .build_csrc import LIBRARIES, Library, library_path
 
@@ -82,17 +82,16 @@ class CompiledKernels:
 
     def forward(self, problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
-        logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
-        target, (stn, sts) = as_ncs(problem.target, 1)
-        position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
-            problem.position_weight, 1)  # fmt: skip
+        t = ncs_tensors(problem, compute_grad=compute_grad)
+        logits, target, grad, s = t.logits, t.target, t.grad, t.strides
         batch, positions = logits.shape[0], problem.positions
         c_problem = BlvProblem(
             _pointer(logits), _pointer(target), _pointer(problem.variation_weight), _pointer(problem.class_weight),
-            _pointer(position_weight), _pointer(problem.seed), _pointer(problem.variation_params),
+            _pointer(t.position_weight), _pointer(problem.seed), _pointer(problem.variation_params),
             batch, problem.num_classes, positions // batch if batch else 0, problem.offset, problem.ignore_index,
-            sxn, sxc, sxs, stn, sts, swn, sws, FLOAT_TYPES[logits.dtype], INT_TYPES[target.dtype],
-            REDUCTIONS[problem.reduction], problem.mode == "clamp", problem.label_smoothing,
+            s["stride_xn"], s["stride_xc"], s["stride_xs"], s["stride_tn"], s["stride_ts"], s["stride_wn"],
+            s["stride_ws"], FLOAT_TYPES[logits.dtype], INT_TYPES[target.dtype], REDUCTIONS[problem.reduction],
+            problem.mode == "clamp", problem.label_smoothing,
         )  # fmt: skip
         device = logits.device
         stream, threads, current = self._launch(device)
@@ -109,12 +108,9 @@ class CompiledKernels:
             per_position = (
                 torch.empty(target.shape, dtype=logits.dtype, device=device) if problem.reduction == "none" else None
             )
-            grad, (sgn, sgc, sgs) = None, (0, 0, 0)
-            if compute_grad:
-                grad = empty_gradient(problem.logits)
-                _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
             self._check(self.lib.blv_loss_pass(c_problem, _pointer(denom), _pointer(per_position), _pointer(loss_sums),
-                                               _pointer(grad), sgn, sgc, sgs, stream, threads), "loss pass")  # fmt: skip
+                                               _pointer(grad), s["stride_gn"], s["stride_gc"], s["stride_gs"], stream,
+                                               threads), "loss pass")  # fmt: skip
         loss = reduced_loss(problem, loss_sums, denom, per_position)
         return loss, grad if grad is not None else logits.new_empty(0)
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .. import noise
-from .._layout import as_ncs, empty_gradient
+from .._layout import ncs_tensors
 from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 
 __all__ = ["forward", "scale_grad_", "kernel_config", "KernelConfig"]
@@ -634,29 +634,21 @@ class Addressed:
 
     @classmethod
     def of(cls, problem: BLVProblem, *, compute_grad: bool) -> Addressed:
-        logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
-        target, (stn, sts) = as_ncs(problem.target, 1)
-        position_weight, (swn, sws) = (None, (0, 0)) if problem.position_weight is None else as_ncs(
-            problem.position_weight, 1)  # fmt: skip
-        grad, (sgn, sgc, sgs) = None, (0, 0, 0)
-        if compute_grad:
-            grad = empty_gradient(problem.logits)
-            _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
-        batch, positions = logits.shape[0], problem.positions
+        t = ncs_tensors(problem, compute_grad=compute_grad)
+        strides = dict(t.strides)
+        batch, positions = t.logits.shape[0], problem.positions
         spatial = positions // batch if batch else 0
-        per_position = [(sxn, sxs), (stn, sts), (swn, sws), (sgn, sgs)]
+        per_position = [(f"stride_{k}n", f"stride_{k}s") for k in "xtwg"]
         runs = batch
-        if batch > 1 and all(spatial == 1 or n == spatial * s for n, s in per_position):
+        if batch > 1 and all(spatial == 1 or strides[n] == spatial * strides[s] for n, s in per_position):
             runs, spatial = 1, positions
-            sxs, sts, sws, sgs = (n if problem.positions == batch else s for n, s in per_position)
-            sxn = stn = swn = sgn = 0
+            for n, s in per_position:  # with one position per sample, the batch stride steps between positions
+                strides[s], strides[n] = strides[n] if positions == batch else strides[s], 0
         largest_offset = max(
-            sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
-            for t in (logits, target, logits if grad is None else grad)
+            sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True)) if x.numel() else 0
+            for x in (t.logits, t.target, t.logits if t.grad is None else t.grad)
         )  # fmt: skip
-        strides = dict(stride_xn=sxn, stride_xc=sxc, stride_xs=sxs, stride_tn=stn, stride_ts=sts, stride_wn=swn,
-                       stride_ws=sws, stride_gn=sgn, stride_gc=sgc, stride_gs=sgs)  # fmt: skip
-        return cls(logits, target, position_weight, grad, runs, spatial, strides,
+        return cls(t.logits, t.target, t.position_weight, t.grad, runs, spatial, strides,
                    max(largest_offset, positions) >= 2**31)  # fmt: skip
 
 
