@@ -9,7 +9,9 @@ only extra memory is the gradient itself.
 
 ``blv_kernels::fused_blv_cross_entropy`` is that call as a ``torch.library`` op with a fake
 (meta) implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` traces
-through it and ``torch.library.opcheck`` passes. Everything a training loop may change between
+through it and ``torch.library.opcheck`` passes. Eager calls on plain tensors skip the op's
+dispatch (its Python autograd wrapper costs more than a small batch's kernels) through
+``_EagerFusedLoss``, an ``autograd.Function`` that calls the same forward and the same backward. Everything a training loop may change between
 steps without recompiling is a tensor argument: the seed, the variation parameters (from sigma:
 ``noise.variation_params_tensor``) and ``avg_factor``.
 
@@ -23,6 +25,7 @@ with respect to them (``_validation.check_constant_weights``).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ._layout import empty_gradient
 from .backends import get_backend
@@ -79,7 +82,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction, ctx.backend = a["reduction"], a["backend"]
 
 
-def _backward(ctx, grad_loss, _):
+def _scaled_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """dL/dlogits = the forward's gradient times grad_output (per position for "none"), in place."""
     try:
         (grad,) = ctx.saved_tensors
@@ -88,10 +91,9 @@ def _backward(ctx, grad_loss, _):
             "the fused BLV loss's backward already ran for this forward (it scales the forward's gradient in "
             "place): backward through it once, or use backend='reference' to backward twice"
         ) from err
-    no_grads = [None] * (len(_ARGUMENTS) - 1)
     if type(grad) is not torch.Tensor:  # traced (torch.compile, opcheck): stay functional
         scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
-        return (grad * scale.float()).to(grad.dtype), *no_grads
+        return (grad * scale.float()).to(grad.dtype)
     if torch.is_grad_enabled():
         raise RuntimeError(
             "double backward (create_graph=True) is not supported by the fused BLV backends: use backend='reference'"
@@ -102,7 +104,11 @@ def _backward(ctx, grad_loss, _):
         get_backend(ctx.backend).implementation().scale_grad_(grad, grad_loss.float())
         torch.autograd.graph.increment_version(grad)  # the kernel wrote it: a second backward must see that
     # the forward's output, handed over as the gradient: detached from the forward's graph (no copy)
-    return grad.detach(), *no_grads
+    return grad.detach()
+
+
+def _backward(ctx, grad_loss, _):
+    return _scaled_gradient(ctx, grad_loss), *[None] * (len(_ARGUMENTS) - 1)
 
 
 fused_blv_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
@@ -110,15 +116,34 @@ fused_blv_cross_entropy.register_autograd(_backward, setup_context=_setup_contex
 
 def fused_loss(problem: BLVProblem, backend: str) -> torch.Tensor:
     """The loss of ``problem`` through the fused op on ``backend``, differentiable in the logits."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(problem.logits):
+    compute_grad = torch.is_grad_enabled() and problem.logits.requires_grad
+    if torch.compiler.is_compiling() or type(problem.logits) not in (torch.Tensor, nn.Parameter):
+        # traced, or a tensor subclass (fake tensors): the op, with its fake and functional backward
+        loss, _ = fused_blv_cross_entropy(
+            problem.logits, problem.target, problem.variation_weight, problem.class_weight, problem.position_weight,
+            problem.seed, problem.variation_params, problem.avg_factor, problem.offset, problem.ignore_index,
+            problem.reduction, problem.mode, problem.label_smoothing, compute_grad, backend,
+        )  # fmt: skip
+        return loss
+    if torch._C._functorch.is_functorch_wrapped_tensor(problem.logits):
         raise RuntimeError(
             "torch.func transforms (grad, vmap, ...) are not supported by the fused BLV backends: use "
             "backend='reference'"
         )
-    compute_grad = torch.is_grad_enabled() and problem.logits.requires_grad
-    loss, _ = fused_blv_cross_entropy(
-        problem.logits, problem.target, problem.variation_weight, problem.class_weight, problem.position_weight,
-        problem.seed, problem.variation_params, problem.avg_factor, problem.offset, problem.ignore_index,
-        problem.reduction, problem.mode, problem.label_smoothing, compute_grad, backend,
-    )  # fmt: skip
-    return loss
+    return _EagerFusedLoss.apply(problem.logits, problem, backend, compute_grad)
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The op's forward and backward for plain tensors outside tracing, without its dispatch (the
+    custom op's autograd wrapper takes ~150 us a call on a CPU: more than a small batch's kernels)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, problem: BLVProblem, backend: str, compute_grad: bool) -> torch.Tensor:
+        loss, grad = get_backend(backend).implementation().forward(problem, compute_grad=compute_grad)
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.backend = problem.reduction, backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _scaled_gradient(ctx, grad_loss), None, None, None

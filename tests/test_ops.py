@@ -12,6 +12,7 @@ from torch import nn
 
 from blv_kernels import BLVLoss, blv_cross_entropy, noise, ops, reference
 from blv_kernels.backends import get_backend
+from blv_kernels.problem import BLVProblem
 
 
 @pytest.fixture(params=FUSED)
@@ -45,6 +46,20 @@ def test_no_gradient_is_written_without_autograd(fused, rng):
         assert torch.equal(blv_cross_entropy(args[0], args[1], class_counts=list(range(1, 8)), seed=3, backend=fused),
                            blv_cross_entropy(args[0].detach(), args[1], class_counts=list(range(1, 8)), seed=3,
                                              backend=fused))  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_eager_calls_skip_the_ops_dispatch_and_match_it(fused, reduction, rng):
+    # eager: _EagerFusedLoss, the op's forward and backward without its dispatch; bit for bit the op's results
+    args = _op_args(rng, fused, reduction, weights=True)
+    x, grad_out = args[0], torch.rand(args[1].shape if reduction == "none" else (), generator=rng).to(DEVICE) + 0.5
+    problem = BLVProblem(*(a.detach().requires_grad_() if a is x else a for a in args[:-2]))
+    eager = ops.fused_loss(problem, fused)
+    assert type(eager.grad_fn).__name__ == "_EagerFusedLossBackward"
+    (eager_grad,) = torch.autograd.grad(eager, problem.logits, grad_out)
+    through_op, _ = ops.fused_blv_cross_entropy(*args)
+    (op_grad,) = torch.autograd.grad(through_op, x, grad_out)
+    assert torch.equal(eager, through_op) and torch.equal(eager_grad, op_grad)
 
 
 def test_backward_hands_over_the_forward_gradient_without_a_copy(fused, rng, monkeypatch):
