@@ -79,6 +79,9 @@ def _(*inputs):
 def _setup_context(ctx, inputs, output):
     a = _named(inputs)
     ctx.save_for_backward(output[1])
+    # the gradient output has no gradient: without these autograd would pass a zero-filled one, a write of the logits' size
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.backend = a["reduction"], a["backend"]
 
 
