@@ -31,6 +31,7 @@ contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -582,15 +583,21 @@ class KernelConfig(NamedTuple):
     maxnreg: int | None  # register cap (ptxas)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv on the host: a constexpr_function in recent Triton, microseconds a call (six a step)
+    return -(-a // b)
+
+
+@functools.cache
 def kernel_config(num_classes: int) -> KernelConfig:
     """The loss kernel's blocks for C classes (see the table above): the row in registers as a main
     block (a power of two of groups of four) and a tail block when C <= 4 * ONE_PASS_MAX_GROUPS, else
     two sweeps over chunks of CHUNK_GROUPS groups."""
-    groups = triton.cdiv(num_classes, 4)
+    groups = _cdiv(num_classes, 4)
     if groups <= ONE_PASS_MAX_GROUPS:
-        main = triton.next_power_of_2(groups + 1) // 2  # the largest power of two <= groups
-        rest = groups - main
-        return KernelConfig(128, 4, main, triton.next_power_of_2(rest) if rest else 0, 0, 112)
+        main = 1 << (groups.bit_length() - 1)  # the largest power of two <= groups
+        tail = 1 << (groups - main - 1).bit_length() if groups > main else 0  # the rest, up to a power of two
+        return KernelConfig(128, 4, main, tail, 0, 112)
     return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
 
 
@@ -654,7 +661,7 @@ class Addressed:
 
 def label_launch(problem: BLVProblem, view: Addressed) -> Launch:
     """The label pass; its outputs ``weight_sums_ptr`` and ``bad_counts_ptr`` are in ``args``."""
-    grid = (triton.cdiv(view.spatial, LABEL_BLOCK), view.runs)
+    grid = (_cdiv(view.spatial, LABEL_BLOCK), view.runs)
     device = view.logits.device
     return Launch(_label_kernel, grid, dict(
         target_ptr=view.target, class_weight_ptr=problem.class_weight,
@@ -670,7 +677,7 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     """The loss pass; its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
     ``grad_ptr`` are in ``args``."""
     config = kernel_config(problem.num_classes)
-    grid = (triton.cdiv(view.spatial, config.block_p), view.runs)
+    grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     s = view.strides
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
@@ -694,7 +701,7 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
 
 
 def scale_launch(grad: torch.Tensor, grad_output: torch.Tensor) -> Launch:
-    return Launch(_scale_kernel, (triton.cdiv(grad.numel(), SCALE_BLOCK), 1),
+    return Launch(_scale_kernel, (_cdiv(grad.numel(), SCALE_BLOCK), 1),
                   dict(grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK))  # fmt: skip
 
 
