@@ -5,20 +5,21 @@
 # benchmark and the static reports, with logs, JSON and plots written to OUTDIR and a summary
 # printed last (the static estimate beside the measured times, so the model can be recalibrated).
 #
-#   bash benchmarks/gpu_check.sh OUTDIR [--full]
+#   bash benchmarks/gpu_check.sh OUTDIR [--full | --sweep]
 #
 # Installs nothing: it runs with the machine's own python (override with PYTHON=...). Each stage
 # has a time cap, so the whole check ends within 7 minutes on an H100 (--full: the full test
-# suite and grids, with caps of hours). A failing stage is logged and the later stages still
-# run; the exit status is nonzero when any stage failed.
+# suite and grids, with caps of hours). --sweep, the second call when time is left: the build
+# and the configuration sweep (benchmarks/sweep.py) only, within 5.5 minutes. A failing stage is
+# logged and the later stages still run; the exit status is nonzero when any stage failed.
 set -uo pipefail
 
-if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --full ) ]]; then
-    echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--full]" >&2
+if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --full && $2 != --sweep ) ]]; then
+    echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--full | --sweep]" >&2
     exit 2
 fi
 OUT=$1
-FULL=${2:-}
+MODE=${2:-}
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -27,18 +28,23 @@ cd "$(dirname "$0")/.." || exit 2
 # Without --full the check must end within 7 minutes: every stage gets what is left of TOTAL_S,
 # less what the later stages need at least, and the benchmarks stop starting new cases at their
 # --budget-s (their cap less the time to start up and to finish the case in flight).
-TOTAL_S=400 EXT_MAX=120 TESTS_MAX=120 MEMCHECK_MAX=40 LOSS_MAX=90 TRAIN_MAX=60 STATIC_MAX=90
+TOTAL_S=400 EXT_MAX=120 EXT_RESERVE=300 TESTS_MAX=120 MEMCHECK_MAX=40 LOSS_MAX=90 TRAIN_MAX=60 STATIC_MAX=90
 QUICK=(--quick)
 # the tests that need the card; --full: all of them
 TESTS=(tests/test_backends.py tests/test_ops.py tests/test_triton_kernel.py tests/test_cuda_gpu.py tests/test_loss.py)
-if [[ $FULL == --full ]]; then
+if [[ $MODE == --full ]]; then
     TOTAL_S=36000 EXT_MAX=1800 TESTS_MAX=3600 MEMCHECK_MAX=600 LOSS_MAX=14400 TRAIN_MAX=3600 STATIC_MAX=1800
     QUICK=()
     TESTS=(tests)
 fi
+if [[ $MODE == --sweep ]]; then  # 5.5 minutes: the build (if the first call's is gone), then the sweep
+    TOTAL_S=330 EXT_RESERVE=150
+fi
 # nvcc for the card that is here only (the default list builds two architectures)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
-export BLV_KERNELS_CACHE=${BLV_KERNELS_CACHE:-$OUT/kernel-cache}
+# in the checkout (git-ignored), not in OUTDIR: a second call on a still-held machine gets a new
+# OUTDIR but finds the CUDA C++ build of the first
+export BLV_KERNELS_CACHE=${BLV_KERNELS_CACHE:-$PWD/build/kernel-cache}
 T0=$SECONDS
 
 # cap MAX_S RESERVE_S: MAX_S, or less when fewer than MAX_S + RESERVE_S seconds are left (30 at least)
@@ -79,8 +85,17 @@ print(torch.cuda.get_device_name())'; git log -1 --format='commit %H %cd'; git s
 # The CUDA C++ kernels build on first use (nvcc, a minute or two on a bare machine): build them
 # here, in their own stage and log, so that the tests and benchmarks only load them. Their absence
 # (no nvcc on the machine) is reported, not a failure: the CUDA rows are then skipped with the reason.
-run_stage cuda-ext "$(cap $EXT_MAX 300)" "$PY" -c "import torch; from benchmarks.common import blv_backend_problem; \
+run_stage cuda-ext "$(cap $EXT_MAX $EXT_RESERVE)" "$PY" -c "import torch; from benchmarks.common import blv_backend_problem; \
 print(blv_backend_problem('cuda', torch.device('cuda')) or 'the CUDA C++ backend runs')"
+if [[ $MODE == --sweep ]]; then  # kernel_config's choice and CUDA C++ on every case first, then the variants
+    SWEEP_CAP=$(cap 300 0)
+    run_stage sweep "$SWEEP_CAP" "$PY" -m benchmarks.sweep --budget-s $((SWEEP_CAP - 40)) --out "$OUT"
+    echo "stage      outcome             time   log"
+    printf '%s\n' "${STAGES[@]}"
+    tail -n 12 "$OUT/sweep.log"
+    echo "GPU sweep: $([[ $FAILED -eq 0 ]] && echo passed || echo FAILED) (results in $OUT)"
+    exit "$FAILED"
+fi
 run_stage tests "$(cap $TESTS_MAX 180)" "$PY" -m pytest "${TESTS[@]}" -x -q -rs
 if command -v compute-sanitizer >/dev/null; then  # out-of-bounds and misaligned accesses of both fused backends
     run_stage memcheck "$(cap $MEMCHECK_MAX 150)" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -c "

@@ -27,6 +27,7 @@ without TRITON_INTERPRET (the interpreter compiles nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -162,12 +163,13 @@ class KernelRow:
     memory_lines: list[str]  # what the executed memory instructions are: the kernel-file source lines
 
 
-def kernel_rows(case: Case) -> list[KernelRow]:
-    """The launches of one training step (forward with gradient, backward with grad_output 1), walked."""
+def kernel_rows(case: Case, config: tk.KernelConfig | None = None) -> list[KernelRow]:
+    """The launches of one training step (forward with gradient, backward with grad_output 1), walked;
+    the loss pass with ``config`` instead of ``kernel_config``'s when given."""
     problem, grad_output = meta_problem(case)
     view = tk.Addressed.of(problem, compute_grad=True)
     label = tk.label_launch(problem, view)
-    loss = tk.loss_launch(problem, view, grad_output)
+    loss = tk.loss_launch(problem, view, grad_output, config)
     scale = tk.scale_launch(view.grad, grad_output)
     rows = []
     for launch in (label, loss, scale):
@@ -199,8 +201,8 @@ def step_bytes(case: Case) -> int:
     return 2 * case.elements * case.dtype.itemsize + 2 * positions * 8
 
 
-def case_report(case: Case) -> dict:
-    rows = kernel_rows(case)
+def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
+    rows = kernel_rows(case, config)
     per_element = {cls: sum(r.report.per_element[cls] for r in rows) for cls in sass.CLASSES}
     total = sum(per_element.values())
     efficiency = sass.calibrated_efficiency(case.num_classes)
@@ -261,6 +263,23 @@ def format_report(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def own_triton_cache():
+    """A Triton cache of the report's own: Triton's cache is keyed by the source, not its file, so a
+    cubin cached from another checkout would carry that checkout's paths in its line info, which
+    the walk decides branches by."""
+    with tempfile.TemporaryDirectory(prefix="blv-static-report-") as cache:
+        before = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -280,11 +299,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
-    # A cache of its own: Triton's cache is keyed by the source, not its file, so a cubin cached
-    # from another checkout would carry that checkout's paths in its line info, which the walk
-    # decides branches by.
-    with tempfile.TemporaryDirectory(prefix="blv-static-report-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
+    with own_triton_cache():
         if args.all_configs:
             rows = config_rows()
             print(json.dumps(rows, indent=1) if args.json else "\n".join(

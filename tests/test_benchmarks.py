@@ -2,6 +2,7 @@
 everything it claims, every provider included (skipped ones with a reason, never dropped)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -233,8 +234,23 @@ def test_training_falls_back_without_torchvision(monkeypatch):
 def test_gpu_check_script_parses():
     script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    assert usage.returncode == 2 and "usage" in usage.stderr
+    for argv in ([], ["out", "--sweeps"]):
+        usage = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True)
+        assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sweep runs for real")
+def test_gpu_check_sweep_mode_runs_its_stages_and_reports_without_a_gpu(tmp_path):
+    # the second device call's control flow, here where a mistake costs nothing: every stage runs
+    # and is listed, the sweep's one-line refusal is shown, and the exit status says it failed
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "BLV_KERNELS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(["bash", str(script), str(tmp_path / "out"), "--sweep"], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    for stage in ("env", "cuda-ext", "sweep"):
+        assert f"== {stage} (cap" in result.stdout and (tmp_path / "out" / f"{stage}.log").exists()
+    assert "the measured sweep needs a CUDA device" in result.stdout and "GPU sweep: FAILED" in result.stdout
 
 
 def test_static_estimate_beside_the_measured_time():

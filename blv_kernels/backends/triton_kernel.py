@@ -612,7 +612,8 @@ class Launch:
     num_stages: int = 1  # no software pipelining: the loops' loads are not worth the registers
     maxnreg: int | None = None  # a register cap for ptxas, which otherwise takes more than it needs
 
-    def __call__(self) -> None:
+    def __call__(self):
+        """Launch; returns Triton's compiled kernel (None when the grid is empty or under the interpreter)."""
         if self.grid[0] * self.grid[1]:
             # FMA contraction on, whatever Triton's default (3.10 turns it off): the instruction
             # counts, the budget and the tolerances against the reference (which rounds a * b + c
@@ -620,7 +621,8 @@ class Launch:
             options = dict(num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=True)
             if self.maxnreg is not None:
                 options["maxnreg"] = self.maxnreg
-            self.kernel[self.grid](**self.args, **options)
+            return self.kernel[self.grid](**self.args, **options)
+        return None
 
 
 @dataclass(frozen=True)
@@ -673,10 +675,12 @@ def label_launch(problem: BLVProblem, view: Addressed) -> Launch:
     ))  # fmt: skip
 
 
-def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None) -> Launch:
-    """The loss pass; its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
+def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None,
+                config: KernelConfig | None = None) -> Launch:  # fmt: skip
+    """The loss pass (with ``kernel_config``'s blocks unless ``config`` is given: the sweep's
+    candidates); its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
     ``grad_ptr`` are in ``args``."""
-    config = kernel_config(problem.num_classes)
+    config = config or kernel_config(problem.num_classes)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     s = view.strides
@@ -705,14 +709,16 @@ def scale_launch(grad: torch.Tensor, grad_output: torch.Tensor) -> Launch:
                   dict(grad_ptr=grad, grad_output_ptr=grad_output.reshape(()), numel=grad.numel(), BLOCK=SCALE_BLOCK))  # fmt: skip
 
 
-def forward(problem: BLVProblem, *, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor)."""
+def forward(problem: BLVProblem, *, compute_grad: bool, config: KernelConfig | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The operator contract's forward: (loss, its gradient for grad_output 1, or an empty tensor);
+    ``config``: the loss pass's blocks instead of ``kernel_config``'s (``benchmarks/sweep.py``)."""
     view = Addressed.of(problem, compute_grad=compute_grad)
     labels = label_launch(problem, view)
     labels()
     check_labels(problem, labels.args["bad_counts_ptr"])
     denom = mean_divisor(problem, labels.args["weight_sums_ptr"])
-    loss = loss_launch(problem, view, denom)
+    loss = loss_launch(problem, view, denom, config)
     loss()
     result = reduced_loss(problem, loss.args["loss_sums_ptr"], denom, loss.args["loss_ptr"])
     return result, view.grad if view.grad is not None else view.logits.new_empty(0)

@@ -1,0 +1,270 @@
+"""The fused Triton loss kernel's configurations on the benchmark cases, beside the CUDA C++ backend:
+what ``kernel_config``'s table and ``backend="auto"`` should be chosen from.
+
+    python -m benchmarks.sweep --static [--cases NAME,...]            # any machine: the sm_90 SASS
+    python -m benchmarks.sweep [--cases ...] [--budget-s S] [--out DIR]  # a GPU: measured
+
+The candidates of a class count are ``kernel_config``'s choice and its variants: warps per program
+(one position per thread), the register cap, and above 24 classes the chunk width. ``--static``
+compiles one training step's launches with each for sm_90 and reports registers, spills, blocks
+per SM, thread-instructions per element and the model's predicted H100 time (static estimates,
+``benchmarks/static_report.py``). On a GPU every candidate is launched once (its registers and
+spills as the card's compiler gives them; one that spills is not timed), checked against
+``kernel_config``'s result, and its step (label pass, loss pass with the gradient, the backward's
+scaling with grad_output 1) is timed replayed in a CUDA graph, so that no host overhead is in the
+time; the CUDA C++ backend's step and the copy floor are timed the same way in the same run.
+First every case's ``kernel_config`` choice and CUDA C++ (what ``auto`` decides between), then the
+variants, case by case, until ``--budget-s``; ``sweep.json`` is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from blv_kernels import class_weights, noise
+from blv_kernels.backends import get_backend
+from blv_kernels.backends import triton_kernel as tk
+
+from . import static_report
+from .common import (
+    IGNORE_INDEX,
+    QUANTILES,
+    SIGMA,
+    blv_backend_problem,
+    class_counts,
+    copy_bandwidth,
+    environment,
+    log,
+    stamp_line,
+    write_json,
+)
+from .loss import SHAPES, make_inputs
+
+# the GPU issue's cases: C = 19, 150, 171 (NCHW) and 1000 ((N, C) rows), fp32 and bf16, full size
+_LAYOUTS = {"cityscapes-n8": "nchw", "ade20k": "nchw", "cocostuff": "nchw", "classification": "rows"}
+CASES = {
+    case.name: case
+    for shape_name, layout in _LAYOUTS.items()
+    for dtype in (torch.float32, torch.bfloat16)
+    for case in [static_report.Case(SHAPES[shape_name].full, dtype, layout)]
+}
+WARPS = (2, 4, 8)  # warps per program: 64, 128, 256 positions
+REGISTER_CAPS = (None, 96, 128)  # ptxas's cap (None: its own choice); kernel_config's own cap is always a candidate
+CHUNK_GROUPS = (1, 2, 4)  # two sweeps: groups of four classes per chunk
+GRAPH_REP_MS = 100  # do_bench_cudagraph's replay time per measurement
+
+
+def candidates(num_classes: int) -> list[tk.KernelConfig]:
+    """``kernel_config``'s choice first, then its variants (each once)."""
+    chosen = tk.kernel_config(num_classes)
+    chunks = CHUNK_GROUPS if chosen.chunk_groups else (0,)
+    variants = [
+        chosen._replace(block_p=32 * warps, num_warps=warps, maxnreg=cap, chunk_groups=chunk)
+        for warps in WARPS for cap in REGISTER_CAPS for chunk in chunks
+    ]  # fmt: skip
+    return list(dict.fromkeys([chosen, *variants]))
+
+
+def describe(config: tk.KernelConfig) -> str:
+    blocks = (f"one pass {config.main_groups}+{config.tail_groups} groups" if config.main_groups
+              else f"two sweeps, chunks of {config.chunk_groups} groups")  # fmt: skip
+    return f"{config.num_warps} warps, {blocks}, maxnreg {config.maxnreg or '-'}"
+
+
+# ----------------------------------------------------------------------------------------------- static
+
+
+def static_rows(case: static_report.Case) -> list[dict]:
+    """Every candidate of the case, compiled for sm_90 and walked (static estimates)."""
+    rows = []
+    for config in candidates(case.num_classes):
+        report = static_report.case_report(case, config)
+        loss = next(k for k in report["kernels"] if k["kernel"] == tk._blv_loss_kernel.fn.__name__)
+        rows.append({
+            "case": case.name, "config": config._asdict(), "description": describe(config),
+            "chosen": config == tk.kernel_config(case.num_classes), "registers": loss["registers"],
+            "spill_bytes": loss["spill_bytes"], "blocks_per_sm": loss["blocks_per_sm"],
+            "per_element": report["total_per_element"], "predicted_ms": report["predicted_ms"],
+        })  # fmt: skip
+        log(f"  {case.name:30} {describe(config):48} {rows[-1]['registers']:4d} regs {rows[-1]['spill_bytes']:4d} B "
+            f"spilled {rows[-1]['blocks_per_sm']:2d} blk/SM {rows[-1]['per_element']:6.1f}/elem "
+            f"predicted {rows[-1]['predicted_ms']:.3f} ms")  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- measured
+
+
+def device_problem(case: static_report.Case, device: torch.device):
+    """The case's problem on ``device`` as a benchmark step gives it (random logits, labels with 5%
+    ignored, a long-tailed prior, sigma 6, mean), and a grad_output of exactly 1."""
+    meta, _ = static_report.meta_problem(case)
+    logits, target = make_inputs(case.shape, case.dtype, case.layout == "channels_last", device)
+    problem = dataclasses.replace(
+        meta, logits=logits.detach(), target=target, seed=noise.seed_tensor(1, device),
+        variation_weight=class_weights(class_counts(case.num_classes)).to(device),
+        variation_params=noise.variation_params_tensor(SIGMA, device),
+    )  # fmt: skip
+    return problem, torch.ones((), dtype=torch.float32, device=device)
+
+
+def step(backend: str, problem, grad_output: torch.Tensor, config: tk.KernelConfig | None = None):
+    """One training step's kernels on ``backend``: the forward with its gradient, the backward's scaling."""
+    implementation = get_backend(backend).implementation()
+    options = {} if config is None else {"config": config}
+
+    def run():
+        _, grad = implementation.forward(problem, compute_grad=True, **options)
+        implementation.scale_grad_(grad, grad_output)
+        return grad
+
+    return run
+
+
+def graph_ms(fn) -> list[float]:
+    """Median and 20%/80% quantiles of ``fn`` replayed in a CUDA graph (kernels only, no host overhead)."""
+    from triton.testing import do_bench_cudagraph
+
+    return list(do_bench_cudagraph(fn, rep=GRAPH_REP_MS, quantiles=list(QUANTILES)))
+
+
+def agrees(grad: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Another blocking or backend changes only the order of float32 sums: 1e-5 in float32, and in
+    half precision two steps of its rounding, relative to the gradient's largest element."""
+    rtol = 1e-5 if grad.dtype == torch.float32 else 2 * torch.finfo(grad.dtype).eps
+    expected = expected.float()
+    return torch.allclose(grad.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def measure(backend: str, case, problem, grad_output, config=None, expected=None) -> dict:
+    row = {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
+           "description": "CUDA C++" if config is None else describe(config),
+           "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
+    if config is not None:  # compile and launch it once: the card's registers and spills (None: interpreted)
+        compiled = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), grad_output, config)()
+        row.update(registers=getattr(compiled, "n_regs", None), spill_bytes=getattr(compiled, "n_spills", None))
+        if row["spill_bytes"]:
+            return {**row, "status": "skipped", "reason": f"spills {row['spill_bytes']} B"}
+    run = step(backend, problem, grad_output, config)
+    grad = run()
+    if expected is not None and not agrees(grad, expected):
+        difference = (grad.float() - expected.float()).abs().max().item()
+        return {**row, "status": "failed", "reason": f"gradient differs from kernel_config's by up to {difference:.3g}"}
+    ms = graph_ms(run)
+    return {**row, "status": "ok", "ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2]}
+
+
+def measured_rows(cases: list[static_report.Case], device: torch.device, budget_s: float, data: dict,
+                  out: Path) -> bool:  # fmt: skip
+    """Time the candidates (module docstring's order) into ``data["results"]``; False if one failed."""
+    start, ok = time.perf_counter(), True
+    copy_gbps = data["copy_bandwidth"]["gbps"]
+    cuda_problem = blv_backend_problem("cuda", device)
+    for sweep in ("baseline", "variants"):
+        for case in cases:
+            name = case.name
+            problem, grad_output = device_problem(case, device)
+            expected = step("triton", problem, grad_output)().clone()
+            todo = (
+                [tk.kernel_config(case.num_classes), "cuda"]
+                if sweep == "baseline"
+                else candidates(case.num_classes)[1:]
+            )
+            for item in todo:
+                backend, config = ("cuda", None) if item == "cuda" else ("triton", item)
+                if backend == "cuda" and cuda_problem is not None:
+                    row = {"case": name, "backend": "cuda", "status": "skipped", "reason": cuda_problem}
+                elif time.perf_counter() - start > budget_s:
+                    row = {"case": name, "backend": backend, "config": None if config is None else config._asdict(),
+                           "status": "skipped", "reason": f"time budget of {budget_s:.0f} s used up"}  # fmt: skip
+                else:
+                    try:
+                        row = measure(backend, case, problem, grad_output, config, expected)
+                    except Exception as error:  # one candidate failing must not lose the others
+                        row = {"case": name, "backend": backend, "status": "failed",
+                               "reason": f"{type(error).__name__}: {error}".splitlines()[0]}  # fmt: skip
+                row["floor_ms"] = static_report.step_bytes(case) / copy_gbps / 1e6
+                ok = ok and row["status"] != "failed"
+                data["results"].append(row)
+                write_json(out / "sweep.json", data)
+                log(progress_line(row))
+            del problem, grad_output, expected
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return ok
+
+
+def progress_line(row: dict) -> str:
+    what = f"  {row['case']:30} {row.get('description', row['backend']):48}"
+    if row["status"] != "ok":
+        return f"{what} {row['status']}: {row['reason']}"
+    regs = f"{row['registers']:4d} regs " if row.get("registers") is not None else " " * 10
+    return f"{what} {regs}{row['ms']:.3f} ms [{row['ms_p20']:.3f}, {row['ms_p80']:.3f}], {row['ms'] / row['floor_ms']:.2f}x floor"
+
+
+def summary(results: list[dict]) -> str:
+    """Per case: kernel_config's choice, the fastest Triton candidate, CUDA C++, the copy floor."""
+    lines = [f"{'case':30} {'floor ms':>8} {'chosen ms':>9} {'best ms':>8} {'CUDA C++':>8}  best Triton candidate"]
+    for name in dict.fromkeys(r["case"] for r in results):
+        rows = [r for r in results if r["case"] == name]
+        timed = [r for r in rows if r["status"] == "ok" and r["backend"] == "triton"]
+        chosen = next((r["ms"] for r in timed if r["chosen"]), math.nan)
+        best = min(timed, key=lambda r: r["ms"], default=None)
+        cuda = next((r["ms"] for r in rows if r["backend"] == "cuda" and r["status"] == "ok"), math.nan)
+        lines.append(f"{name:30} {rows[0]['floor_ms']:8.3f} {chosen:9.3f} {best['ms'] if best else math.nan:8.3f} "
+                     f"{cuda:8.3f}  {best['description'] if best else '-'}")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--static", action="store_true", help="static estimates of every candidate (no GPU needed)")
+    parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--budget-s", type=float, default=math.inf, help="start no candidate after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where sweep.json goes")
+    args = parser.parse_args(argv)
+    args.cases = args.cases.split(",") if args.cases else list(CASES)
+    unknown = [n for n in args.cases if n not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    if args.static and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("--static: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    if not args.static and not torch.cuda.is_available():
+        parser.error("the measured sweep needs a CUDA device (on any machine: --static)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.static:
+        with static_report.own_triton_cache():
+            rows = [row for name in args.cases for row in static_rows(CASES[name])]
+        write_json(args.out / "sweep_static.json", {"note": "static estimates (sm_90 SASS), not measurements",
+                                                    "results": rows})  # fmt: skip
+        print(f"wrote {args.out / 'sweep_static.json'}")
+        return 0 if all(r["spill_bytes"] == 0 for r in rows if r["chosen"]) else 1
+    device = torch.device("cuda")
+    data = {"meta": {**environment(device), "benchmark": "sweep", "timer": "triton.testing.do_bench_cudagraph",
+                     "graph_rep_ms": GRAPH_REP_MS, "quantiles": list(QUANTILES), "sigma": SIGMA,
+                     "ignore_index": IGNORE_INDEX},
+            "copy_bandwidth": copy_bandwidth(device), "results": []}  # fmt: skip
+    log(f"kernel configuration sweep | {stamp_line(data['meta'])}")
+    ok = measured_rows([CASES[n] for n in args.cases], device, args.budget_s, data, args.out)
+    print(summary(data["results"]))
+    print(f"wrote {args.out / 'sweep.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

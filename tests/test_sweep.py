@@ -1,0 +1,126 @@
+"""The configuration sweep (benchmarks/sweep.py): its candidates compute the right loss, its own
+agreement check rejects a wrong gradient, its measured loop runs end to end on the CPU (timer and
+device stood in for), and its static mode compiles every candidate of a case for sm_90."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from grid import DEVICE, HAS_CUDA, Case, check_matches_reference
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+
+from benchmarks import common, sass, static_report, sweep  # noqa: E402
+from blv_kernels.backends import triton_kernel as tk  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on a GPU or its interpreter"
+)
+
+
+@pytest.mark.parametrize("num_classes", [7, 19, 150, 1000])
+def test_candidates_start_with_kernel_config_and_vary_it_once_each(num_classes):
+    chosen = tk.kernel_config(num_classes)
+    found = sweep.candidates(num_classes)
+    assert found[0] == chosen and len(set(found)) == len(found) > 1
+    for config in found:  # one position per thread; the class blocking of kernel_config's kind
+        assert config.block_p == 32 * config.num_warps
+        assert (config.main_groups, config.tail_groups) == (chosen.main_groups, chosen.tail_groups)
+        assert (config.chunk_groups > 0) == (chosen.chunk_groups > 0)
+
+
+def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:
+    """The candidates that differ in what the kernel computes (warps and register caps change only the code)."""
+    seen = {}
+    for config in sweep.candidates(num_classes):
+        seen.setdefault((config.block_p, config.main_groups, config.tail_groups, config.chunk_groups), config)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize(
+    "case", [Case((2, 19, 6, 11)).param(), Case((1, 150, 3, 5), reduction="none", weight=True).param(),
+             Case((5, 67), dtype=torch.bfloat16, reduction="sum").param()],
+)  # fmt: skip
+def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch):
+    # the sweep must time only kernels that compute the loss: each blocking, through the public entry
+    for config in _distinct_blockings(case.shape[1]):
+        monkeypatch.setattr(tk, "kernel_config", lambda num_classes, config=config: config)
+        check_matches_reference("triton", case, rng)
+
+
+def test_agreement_check_rejects_a_wrong_gradient(rng):
+    for dtype in (torch.float32, torch.bfloat16):
+        grad = (torch.randn(4, 19, 8, generator=rng) * 1e-7).to(dtype)  # a mean over many positions: tiny values
+        assert sweep.agrees(grad.clone(), grad)
+        wrong = grad.clone()
+        wrong[1, 3, 5] += 0.05 * grad.abs().max()  # 5% of the largest element: far beyond reordered sums
+        assert not sweep.agrees(wrong, grad)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU stands in for the card here")
+def test_measured_sweep_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys):
+    # the GPU's timer and CUDA graph replaced by the host loop: every row, the JSON and the summary
+    monkeypatch.setattr(
+        sweep, "graph_ms", lambda fn: common.host_loop(fn, reps=2, warmup=0, device=torch.device("cpu"))
+    )
+    cases = [static_report.Case((2, 19, 4, 6), torch.float32, "nchw"),
+             static_report.Case((16, 30), torch.bfloat16, "rows")]  # fmt: skip
+    data = {"copy_bandwidth": {"gbps": 10.0}, "results": []}
+    assert sweep.measured_rows(cases, torch.device(DEVICE), float("inf"), data, tmp_path)
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert written["results"] == data["results"]
+    for case in cases:
+        rows = [r for r in data["results"] if r["case"] == case.name]
+        triton = [r for r in rows if r["backend"] == "triton"]
+        assert len(triton) == len(sweep.candidates(case.num_classes)) and all(r["status"] == "ok" for r in triton)
+        assert sum(r["chosen"] for r in triton) == 1
+        (cuda,) = [r for r in rows if r["backend"] == "cuda"]
+        assert cuda["status"] == "skipped" and "cuda" in cuda["reason"]
+    table = sweep.summary(data["results"])
+    assert all(case.name in table for case in cases)
+    assert "16x30-bf16-rows" in capsys.readouterr().out  # a line per row as it finishes
+
+
+def test_budget_skips_what_is_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "graph_ms", lambda fn: [1.0, 1.0, 1.0])
+    data = {"copy_bandwidth": {"gbps": 10.0}, "results": []}
+    sweep.measured_rows([static_report.Case((2, 7, 3, 3), torch.float32, "nchw")], torch.device(DEVICE), -1.0, data,
+                        tmp_path)  # fmt: skip
+    assert data["results"] and all(r["status"] == "skipped" and "budget" in r["reason"] for r in data["results"]
+                                   if r["backend"] == "triton")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [([], "needs a CUDA device"), (["--static", "--cases", "nope"], "unknown ['nope']")],
+)
+def test_cli_errors_are_one_line(argv, message):
+    env = dict(os.environ)
+    if not argv:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.sweep", *argv], cwd=REPO_ROOT, capture_output=True,
+                            text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(
+    sass.find_tool("nvdisasm") is None or sass.find_tool("cuobjdump") is None,
+    reason="Triton's bundled nvdisasm/cuobjdump are needed",
+)
+def test_static_sweep_compiles_every_candidate(tmp_path):
+    case = "8x19x512x1024-bf16-nchw"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--static", "--cases", case, "--out",
+                             str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=1800)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep_static.json").read_text())["results"]
+    assert [r["config"] for r in rows] == [c._asdict() for c in sweep.candidates(19)]
+    (chosen,) = [r for r in rows if r["chosen"]]
+    assert chosen["spill_bytes"] == 0 and chosen["blocks_per_sm"] >= 4
+    assert all(r["per_element"] > 0 and r["predicted_ms"] > 0 for r in rows)
