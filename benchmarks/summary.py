@@ -43,26 +43,33 @@ def loss_summary(data: dict) -> str:
 _LAYOUTS = {"nchw": "contiguous", "rows": "contiguous", "channels_last": "channels_last"}
 
 
-def static_summary(static_reports: list[dict], loss_data: dict | None) -> str:
-    """The static estimate of each case beside the measured Triton forward+backward time (where
-    loss.json has the same shape, dtype and layout), and the issue efficiency the measurement
-    implies: the number to recalibrate ``sass.EFFICIENCY_CALIBRATION`` with."""
+def static_summary(static_reports: list[dict], loss_data: dict | None, sweep_data: dict | None = None) -> str:
+    """The static estimate of each case beside the measured Triton step, and the issue efficiency
+    the measurement implies: the number to recalibrate ``sass.EFFICIENCY_CALIBRATION`` with. The
+    measurement is the sweep's (``sweep.json``: kernel_config's choice, kernels only, replayed in a
+    CUDA graph) where it has the case, else loss.json's eager forward+backward of the same shape,
+    dtype and layout (which includes the host's time per call where that is the longer)."""
     measured = {}
     for r in (loss_data or {}).get("results", []):
         if r["provider"] == "triton" and r["pass"] == "fwd_bwd" and r["status"] == "ok":
-            measured[(tuple(r["shape"]), r["dtype"], r["layout"])] = r["ms"]
+            measured[(tuple(r["shape"]), r["dtype"], r["layout"])] = (r["ms"], "eager")
+    graphed = {r["case"]: r["ms"] for r in (sweep_data or {}).get("results", [])
+               if r["backend"] == "triton" and r.get("chosen") and r["status"] == "ok"}  # fmt: skip
     lines = [
-        "Static estimate (sm_90 SASS) beside the measured Triton forward+backward",
-        f"{'case':34}{'instr/elem':>11}{'predicted ms':>14}{'measured ms':>13}{'measured/pred':>15}{'efficiency':>12}",
-    ]
+        "Static estimate (sm_90 SASS) beside the measured Triton step (graph: kernels only; eager: per call)",
+        f"{'case':34}{'instr/elem':>11}{'predicted ms':>14}{'measured ms':>13}{'':>7}{'measured/pred':>15}"
+        f"{'efficiency':>12}",
+    ]  # fmt: skip
     for r in static_reports:
-        ms = measured.get((tuple(r["shape"]), r["dtype"], _LAYOUTS[r["layout"]]))
-        cells = ["", "", ""]
-        if ms is not None:
+        found = (graphed[r["case"]], "graph") if r["case"] in graphed else measured.get(
+            (tuple(r["shape"]), r["dtype"], _LAYOUTS[r["layout"]]))  # fmt: skip
+        cells = ["", "", "", ""]
+        if found is not None:
+            ms, source = found
             implied = r["efficiency"] * r["issue_ms"] / ms  # the efficiency at which the model gives ms
-            cells = [f"{ms:.3f}", f"{ms / r['predicted_ms']:.2f}", f"{implied:.2f}"]
+            cells = [f"{ms:.3f}", source, f"{ms / r['predicted_ms']:.2f}", f"{implied:.2f}"]
         lines.append(f"{r['case']:34}{r['total_per_element']:11.1f}{r['predicted_ms']:14.3f}{cells[0]:>13}"
-                     f"{cells[1]:>15}{cells[2]:>12}")  # fmt: skip
+                     f"{cells[1]:>7}{cells[2]:>15}{cells[3]:>12}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -80,8 +87,9 @@ def main(argv=None) -> int:
             print(f"{path}: missing (that stage did not write it)\n")
     static = args.out / "static_report.json"
     if static.exists():
-        loss = args.out / "loss.json"
-        print(static_summary(json.loads(static.read_text()), json.loads(loss.read_text()) if loss.exists() else None))
+        loss, sweep = (args.out / name for name in ("loss.json", "sweep.json"))
+        print(static_summary(json.loads(static.read_text()), *(json.loads(f.read_text()) if f.exists() else None
+                                                               for f in (loss, sweep))))  # fmt: skip
     return 0 if found else 1
 
 

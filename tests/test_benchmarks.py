@@ -267,6 +267,15 @@ def test_static_estimate_beside_the_measured_time():
     lines = summary.static_summary(static, loss_data).splitlines()
     matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
     # measured twice the prediction: the model's efficiency was twice what the card gave
-    assert matched[1:] == ["60.0", "0.300", "0.600", "2.00", "0.25"]
+    assert matched[1:] == ["60.0", "0.300", "0.600", "eager", "2.00", "0.25"]
     unmatched = next(line for line in lines if line.startswith("65536x1000-bf16-rows")).split()
     assert unmatched[1:] == ["90.0", "0.200"]
+    # the sweep's graph-replayed time of kernel_config's choice (kernels only) is preferred
+    sweep_data = {"results": [
+        {"case": "8x19x512x1024-fp32-nchw", "backend": "triton", "chosen": False, "status": "ok", "ms": 0.2},
+        {"case": "8x19x512x1024-fp32-nchw", "backend": "triton", "chosen": True, "status": "ok", "ms": 0.45},
+        {"case": "8x19x512x1024-fp32-nchw", "backend": "cuda", "status": "ok", "ms": 0.3},
+    ]}  # fmt: skip
+    lines = summary.static_summary(static, loss_data, sweep_data).splitlines()
+    matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
+    assert matched[1:] == ["60.0", "0.300", "0.450", "graph", "1.50", "0.33"]
