@@ -7,6 +7,10 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--full | --sweep]
 #
+# Where only a few files may come back from the machine (this project's device tool returns
+# eight), run it into a scratch folder and send back one archive:
+#   bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; tar czf "$OUT/gc.tgz" -C /tmp gc; exit $rc
+#
 # Installs nothing: it runs with the machine's own python (override with PYTHON=...). Each stage
 # has a time cap, so the whole check ends within 7 minutes on an H100 (--full: the full test
 # suite and grids, with caps of hours). --sweep, the second call when time is left: the build
