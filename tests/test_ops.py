@@ -9,10 +9,11 @@ import torch._inductor.config
 from grid import DEVICE, HAS_CUDA
 from test_backends import FUSED, skip_unless_runs
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from blv_kernels import BLVLoss, blv_cross_entropy, noise, ops, reference
+from blv_kernels import BLVLoss, blv_cross_entropy, blv_cross_entropy_from_weights, noise, ops, reference
 from blv_kernels.backends import get_backend
 from blv_kernels.problem import BLVProblem
 
@@ -62,6 +63,40 @@ def test_eager_calls_skip_the_ops_dispatch_and_match_it(fused, reduction, rng):
     through_op, _ = ops.fused_blv_cross_entropy(*args)
     (op_grad,) = torch.autograd.grad(through_op, x, grad_out)
     assert torch.equal(eager, through_op) and torch.equal(eager_grad, op_grad)
+
+
+class _RecordedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_and_fake_tensors_see_the_op(fused, rng):
+    # a sanitizer, a counter or make_fx must see the kernel as one call, not the backend's internals
+    x = torch.randn(2, 7, 3, 5, generator=rng).to(DEVICE).requires_grad_(True)
+    target = torch.randint(0, 7, (2, 3, 5), generator=rng).to(DEVICE)
+    with _RecordedOps() as recorded:
+        loss = blv_cross_entropy(x, target, class_counts=list(range(1, 8)), seed=3, backend=fused)
+    assert "blv_kernels.fused_blv_cross_entropy.default" in recorded.ops
+    assert type(loss.grad_fn).__name__ != "_EagerFusedLossBackward"
+    with FakeTensorMode():  # shapes only: the class counts' checks read values, so the weights are given
+        fake = blv_cross_entropy_from_weights(torch.empty(2, 7, 3, 5, device=DEVICE), torch.zeros(2, 3, 5,
+                                              dtype=torch.long, device=DEVICE), torch.ones(7, device=DEVICE), seed=3,
+                                              backend=fused)  # fmt: skip
+    assert isinstance(fake, FakeTensor) and fake.shape == ()
+    # a tensor subclass (a DTensor, say) goes through the op too, with the same result
+    marked = x.detach().as_subclass(_Marked).requires_grad_(True)
+    through_op = blv_cross_entropy(marked, target, class_counts=list(range(1, 8)), seed=3, backend=fused)
+    assert type(through_op.grad_fn).__name__ != "_EagerFusedLossBackward"
+    torch.testing.assert_close(through_op.as_subclass(torch.Tensor), loss.detach(), rtol=0, atol=0)
+
+
+class _Marked(torch.Tensor):
+    pass
 
 
 class _LargeAllocations(TorchDispatchMode):
@@ -146,6 +181,8 @@ def test_backward_twice_double_backward_and_torch_func_are_clear_errors(fused, r
         torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda x: blv_cross_entropy(x, target, class_counts=counts, seed=1, backend=fused))(x.detach())
+    with pytest.raises(RuntimeError, match="torch.func"):  # a transform over the labels only
+        torch.func.vmap(lambda t: blv_cross_entropy(x, t, class_counts=counts, seed=1, backend=fused))(target[None])
     # the reference supports both
     g = torch.func.grad(lambda x: blv_cross_entropy(x, target, class_counts=counts, seed=1, backend="reference"))
     assert torch.isfinite(g(x.detach())).all()
