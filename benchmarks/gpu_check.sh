@@ -14,8 +14,10 @@
 # Installs nothing: it runs with the machine's own python (override with PYTHON=...). Each stage
 # has a time cap, so the whole check ends within 7 minutes on an H100 (--full: the full test
 # suite and grids, with caps of hours). --sweep, the second call when time is left: the build
-# and the configuration sweep (benchmarks/sweep.py) only, within 5.5 minutes. A failing stage is
-# logged and the later stages still run; the exit status is nonzero when any stage failed.
+# and the configuration sweep (benchmarks/sweep.py) only, within 5.5 minutes; put its sweep.json
+# beside the first call's files and `python -m benchmarks.summary DIR` sets the static estimate
+# beside the sweep's graph-replayed times. A failing stage is logged and the later stages still
+# run; the exit status is nonzero when any stage failed.
 set -uo pipefail
 
 if [[ $# -lt 1 || $# -gt 2 || ( $# -eq 2 && $2 != --full && $2 != --sweep ) ]]; then

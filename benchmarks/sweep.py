@@ -155,8 +155,11 @@ def graph_ms(fn, *, retries: int = 10) -> list[float]:
         end.synchronize()
         return start.elapsed_time(end)
 
-    calls = max(1, int(GRAPH_REP_MS / max(time_ms(replay(1)), 1e-3)))
+    single = replay(1)
+    single.replay()  # the first replay uploads the graph: not timed
+    calls = max(1, int(GRAPH_REP_MS / max(time_ms(single), 1e-3)))
     graph = replay(calls)
+    graph.replay()
     return quantiles([time_ms(graph) / calls for _ in range(retries)])
 
 
@@ -168,12 +171,22 @@ def agrees(grad: torch.Tensor, expected: torch.Tensor) -> bool:
     return torch.allclose(grad.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
+def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
+    """The fields that say which row this is, on every row whatever its outcome."""
+    return {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
+            "description": "CUDA C++" if config is None else describe(config),
+            "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
+
+
 def measure(backend: str, case, problem, grad_output, config=None, expected=None) -> dict:
-    row = {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
-           "description": "CUDA C++" if config is None else describe(config),
-           "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
-    if config is not None:  # compile and launch it once: the card's registers and spills (None: interpreted)
-        compiled = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), grad_output, config)()
+    """One row: a Triton candidate (``config``) or the CUDA C++ backend, checked, then timed."""
+    row = identity(case, backend, config)
+    if (
+        config is not None
+    ):  # one launch of its loss pass compiles it: the card's registers and spills (None: interpreted)
+        view = tk.Addressed.of(problem, compute_grad=True)  # a gradient buffer of its own, freed at once
+        compiled = tk.loss_launch(problem, view, grad_output, config)()  # (grad_output: a divisor of 1)
+        del view
         row.update(registers=getattr(compiled, "n_regs", None), spill_bytes=getattr(compiled, "n_spills", None))
         if row["spill_bytes"]:
             return {**row, "status": "skipped", "reason": f"spills {row['spill_bytes']} B"}
@@ -188,33 +201,37 @@ def measure(backend: str, case, problem, grad_output, config=None, expected=None
 
 def measured_rows(cases: list[static_report.Case], device: torch.device, budget_s: float, data: dict,
                   out: Path) -> bool:  # fmt: skip
-    """Time the candidates (module docstring's order) into ``data["results"]``; False if one failed."""
+    """Time the candidates (module docstring's order) into ``data["results"]``. False if one failed,
+    or if kernel_config's choice was timed on no case (a budget too short to measure anything)."""
     start, ok = time.perf_counter(), True
     copy_gbps = data["copy_bandwidth"]["gbps"]
     cuda_problem = blv_backend_problem("cuda", device)
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > budget_s
+
     for sweep in ("baseline", "variants"):
         for case in cases:
-            name = case.name
-            problem, grad_output = device_problem(case, device)
-            expected = step("triton", problem, grad_output)().clone()
             todo = (
-                [tk.kernel_config(case.num_classes), "cuda"]
-                if sweep == "baseline"
-                else candidates(case.num_classes)[1:]
+                [tk.kernel_config(case.num_classes), None] if sweep == "baseline" else candidates(case.num_classes)[1:]
             )
-            for item in todo:
-                backend, config = ("cuda", None) if item == "cuda" else ("triton", item)
+            # the case's inputs and reference gradient (a compile) only while there is budget for a row
+            problem = grad_output = expected = None
+            if not over_budget():
+                problem, grad_output = device_problem(case, device)
+                expected = step("triton", problem, grad_output)().clone()
+            for config in todo:
+                backend = "cuda" if config is None else "triton"
+                row = identity(case, backend, config)
                 if backend == "cuda" and cuda_problem is not None:
-                    row = {"case": name, "backend": "cuda", "status": "skipped", "reason": cuda_problem}
-                elif time.perf_counter() - start > budget_s:
-                    row = {"case": name, "backend": backend, "config": None if config is None else config._asdict(),
-                           "status": "skipped", "reason": f"time budget of {budget_s:.0f} s used up"}  # fmt: skip
+                    row.update(status="skipped", reason=cuda_problem)
+                elif problem is None or over_budget():
+                    row.update(status="skipped", reason=f"time budget of {budget_s:.0f} s used up")
                 else:
                     try:
                         row = measure(backend, case, problem, grad_output, config, expected)
                     except Exception as error:  # one candidate failing must not lose the others
-                        row = {"case": name, "backend": backend, "status": "failed",
-                               "reason": f"{type(error).__name__}: {error}".splitlines()[0]}  # fmt: skip
+                        row.update(status="failed", reason=f"{type(error).__name__}: {error}".splitlines()[0])
                 row["floor_ms"] = static_report.step_bytes(case) / copy_gbps / 1e6
                 ok = ok and row["status"] != "failed"
                 data["results"].append(row)
@@ -223,11 +240,11 @@ def measured_rows(cases: list[static_report.Case], device: torch.device, budget_
             del problem, grad_output, expected
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return ok
+    return ok and any(r["chosen"] and r["status"] == "ok" for r in data["results"])
 
 
 def progress_line(row: dict) -> str:
-    what = f"  {row['case']:30} {row.get('description', row['backend']):48}"
+    what = f"  {row['case']:30} {row['description']:48}"
     if row["status"] != "ok":
         return f"{what} {row['status']}: {row['reason']}"
     regs = f"{row['registers']:4d} regs " if row.get("registers") is not None else " " * 10
@@ -286,6 +303,8 @@ def main(argv=None) -> int:
     log(f"kernel configuration sweep | {stamp_line(data['meta'])}")
     ok = measured_rows([CASES[n] for n in args.cases], device, args.budget_s, data, args.out)
     print(summary(data["results"]))
+    if not any(r["chosen"] and r["status"] == "ok" for r in data["results"]):
+        print("kernel_config's choice was timed on no case: nothing measured (--budget-s too short?)")
     print(f"wrote {args.out / 'sweep.json'}")
     return 0 if ok else 1
 

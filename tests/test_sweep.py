@@ -87,13 +87,20 @@ def test_measured_sweep_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys
     assert "16x30-bf16-rows" in capsys.readouterr().out  # a line per row as it finishes
 
 
-def test_budget_skips_what_is_left(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "graph_ms", lambda fn: [1.0, 1.0, 1.0])
+def test_budget_skips_what_is_left_and_a_run_that_timed_nothing_fails(tmp_path, monkeypatch):
+    def never(*args):
+        raise AssertionError("a case's inputs were built (and its reference compiled) with no budget left")
+
+    monkeypatch.setattr(sweep, "device_problem", never)
     data = {"copy_bandwidth": {"gbps": 10.0}, "results": []}
-    sweep.measured_rows([static_report.Case((2, 7, 3, 3), torch.float32, "nchw")], torch.device(DEVICE), -1.0, data,
-                        tmp_path)  # fmt: skip
-    assert data["results"] and all(r["status"] == "skipped" and "budget" in r["reason"] for r in data["results"]
-                                   if r["backend"] == "triton")  # fmt: skip
+    case = static_report.Case((2, 7, 3, 3), torch.float32, "nchw")
+    assert not sweep.measured_rows([case], torch.device(DEVICE), -1.0, data, tmp_path)
+    triton = [r for r in data["results"] if r["backend"] == "triton"]
+    assert len(triton) == len(sweep.candidates(7))
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in triton)
+    # every row says which candidate it is, whatever became of it
+    assert [r["description"] for r in triton] == [sweep.describe(c) for c in sweep.candidates(7)]
+    assert sum(r["chosen"] for r in triton) == 1
 
 
 @pytest.mark.parametrize(
@@ -124,3 +131,21 @@ def test_static_sweep_compiles_every_candidate(tmp_path):
     (chosen,) = [r for r in rows if r["chosen"]]
     assert chosen["spill_bytes"] == 0 and chosen["blocks_per_sm"] >= 4
     assert all(r["per_element"] > 0 and r["predicted_ms"] > 0 for r in rows)
+
+
+def test_a_failing_candidate_is_named_and_fails_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "graph_ms", lambda fn: [1.0, 1.0, 1.0])
+    measure = sweep.measure
+    broken = sweep.candidates(7)[1]
+
+    def measure_or_fail(backend, case, problem, grad_output, config=None, expected=None):
+        if config == broken:
+            raise RuntimeError("launch failed\nsecond line")
+        return measure(backend, case, problem, grad_output, config, expected)
+
+    monkeypatch.setattr(sweep, "measure", measure_or_fail)
+    data = {"copy_bandwidth": {"gbps": 10.0}, "results": []}
+    case = static_report.Case((2, 7, 3, 3), torch.float32, "nchw")
+    assert not sweep.measured_rows([case], torch.device(DEVICE), float("inf"), data, tmp_path)
+    (failed,) = [r for r in data["results"] if r["status"] == "failed"]
+    assert failed["description"] == sweep.describe(broken) and failed["reason"] == "RuntimeError: launch failed"

@@ -567,7 +567,9 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 # so the row stays in registers up to 6 groups of four (24 classes); above, two sweeps over chunks of
 # 2 groups (chunks of 4 spill at C = 24-28 and take 168 registers at C = 150). One position per
 # thread (BLOCK_P = 32 x num_warps); ptxas is capped at 112 / 128 registers, which it otherwise
-# exceeds without need (145 unconstrained at C = 150, the same instruction count at 124).
+# exceeds without need at C = 150 (145 unconstrained, the same instruction count at 124). At 17-20
+# classes, though, it takes 80 uncapped, with fewer instructions: the cap stays until the GPU sweep
+# (benchmarks/sweep.py) has measured it, since it bounds the registers whatever ptxas the card has.
 ONE_PASS_MAX_GROUPS = 6
 CHUNK_GROUPS = 2
 LABEL_BLOCK = 1024
@@ -680,7 +682,8 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     """The loss pass (with ``kernel_config``'s blocks unless ``config`` is given: the sweep's
     candidates); its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
     ``grad_ptr`` are in ``args``."""
-    config = config or kernel_config(problem.num_classes)
+    if config is None:
+        config = kernel_config(problem.num_classes)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     s = view.strides
