@@ -80,6 +80,13 @@ def describe(config: tk.KernelConfig) -> str:
     return f"{config.num_warps} warps, {blocks}, maxnreg {config.maxnreg or '-'}"
 
 
+def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
+    """The fields that say which row this is, on every row whatever its outcome."""
+    return {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
+            "description": "CUDA C++" if config is None else describe(config),
+            "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------- static
 
 
@@ -89,15 +96,14 @@ def static_rows(case: static_report.Case) -> list[dict]:
     for config in candidates(case.num_classes):
         report = static_report.case_report(case, config)
         loss = next(k for k in report["kernels"] if k["kernel"] == tk._blv_loss_kernel.fn.__name__)
-        rows.append({
-            "case": case.name, "config": config._asdict(), "description": describe(config),
-            "chosen": config == tk.kernel_config(case.num_classes), "registers": loss["registers"],
-            "spill_bytes": loss["spill_bytes"], "blocks_per_sm": loss["blocks_per_sm"],
-            "per_element": report["total_per_element"], "predicted_ms": report["predicted_ms"],
-        })  # fmt: skip
-        log(f"  {case.name:30} {describe(config):48} {rows[-1]['registers']:4d} regs {rows[-1]['spill_bytes']:4d} B "
-            f"spilled {rows[-1]['blocks_per_sm']:2d} blk/SM {rows[-1]['per_element']:6.1f}/elem "
-            f"predicted {rows[-1]['predicted_ms']:.3f} ms")  # fmt: skip
+        row = {**identity(case, "triton", config), "registers": loss["registers"], "spill_bytes": loss["spill_bytes"],
+               "blocks_per_sm": loss["blocks_per_sm"], "per_element": report["total_per_element"],
+               "predicted_ms": report["predicted_ms"]}  # fmt: skip
+        rows.append(row)
+        log(
+            f"  {case.name:30} {row['description']:48} {row['registers']:4d} regs {row['spill_bytes']:4d} B spilled "
+            f"{row['blocks_per_sm']:2d} blk/SM {row['per_element']:6.1f}/elem predicted {row['predicted_ms']:.3f} ms"
+        )
     return rows
 
 
@@ -169,13 +175,6 @@ def agrees(grad: torch.Tensor, expected: torch.Tensor) -> bool:
     rtol = 1e-5 if grad.dtype == torch.float32 else 2 * torch.finfo(grad.dtype).eps
     expected = expected.float()
     return torch.allclose(grad.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
-
-
-def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
-    """The fields that say which row this is, on every row whatever its outcome."""
-    return {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
-            "description": "CUDA C++" if config is None else describe(config),
-            "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
 
 
 def measure(backend: str, case, problem, grad_output, config=None, expected=None) -> dict:
