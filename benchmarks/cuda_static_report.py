@@ -49,7 +49,7 @@ class _Kernels:
         return next(k for k in self.functions if key in k)
 
 
-PHILOX = (sass.cpp_function_lines(MATH, "philox4x32_10"), sass.cpp_function_lines(MATH, "philox_words"))
+PHILOX = tuple(sass.cpp_function_lines(MATH, f) for f in ("mul_wide", "philox4x32_10", "philox_words"))
 
 
 def L(text, where=SOURCE):

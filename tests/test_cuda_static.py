@@ -179,3 +179,19 @@ def test_the_static_instruction_report_walks_every_case(build):
         assert lanes == report.lanes_for(pixel, num_classes)
         assert result.per_element["philox"] > 0 and result.per_element["mufu"] > 0, name
         assert result.spill_bytes == 0 and result.registers <= 255, name
+
+
+@needs_binary_tools
+def test_philox_rounds_stay_in_32_bit_registers(build):
+    # A round of Philox4x32 is two 32x32 -> 64-bit products (one IMAD.WIDE each, or IMAD.HI and
+    # IMAD), two 3-input XORs and at most two key additions: 6 instructions, 60 a 4-word call,
+    # 15 per element where one call serves 4 elements (the NCHW loss pass). The products formed
+    # as 64-bit values cost 16.6 (NVVM widened the mixing to 64 bits); blv_math.h's mul_hi keeps
+    # them in 32-bit registers (__umulhi).
+    assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
+    report = cuda_static_report
+    kernels = report._Kernels((build.directory / "blv_kernel.cubin").read_bytes())
+    for dtype, pixel, num_classes, name in report.CASES:
+        if pixel:
+            _, result = report.case_report(kernels, dtype, pixel, num_classes)
+            assert result.per_element["philox"] <= 15.0, (name, result.per_element["philox"])

@@ -39,18 +39,31 @@ BLV_HD int variation_kind(float scale, float threshold) {
   return threshold <= kErfinvPolyMax ? kPolyErfinv : kGilesErfinv;
 }
 
-// Philox4x32-10 on counter (c[0], c[1], c[2], c[3]) with key (k0, k1), in place. Each round's
-// products are formed once as 64-bit values, their high and low halves read from them (one wide
-// multiply each on a GPU).
+// The 64-bit product a * b as its high and low words. On a GPU the high word is __umulhi, so
+// the round stays in 32-bit registers (ptxas fuses the pair into one IMAD.WIDE.U32); a 64-bit
+// product makes NVVM widen the round's mixing to 64 bits. A host compiler gets one wide multiply.
+BLV_HD void mul_wide(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#ifdef __CUDA_ARCH__
+  hi = __umulhi(a, b);
+  lo = a * b;
+#else
+  const uint64_t product = (uint64_t)a * b;
+  hi = (uint32_t)(product >> 32);
+  lo = (uint32_t)product;
+#endif
+}
+
+// Philox4x32-10 on counter (c[0], c[1], c[2], c[3]) with key (k0, k1), in place.
 BLV_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   BLV_UNROLL
   for (int i = 0; i < kPhiloxRounds; ++i) {
-    const uint64_t prod_b = (uint64_t)kPhiloxRoundB * c[2];
-    const uint64_t prod_a = (uint64_t)kPhiloxRoundA * c[0];
-    c[0] = (uint32_t)(prod_b >> 32) ^ c[1] ^ k0;
-    c[1] = (uint32_t)prod_b;
-    c[2] = (uint32_t)(prod_a >> 32) ^ c[3] ^ k1;
-    c[3] = (uint32_t)prod_a;
+    uint32_t hi_a, lo_a, hi_b, lo_b;
+    mul_wide(kPhiloxRoundA, c[0], hi_a, lo_a);
+    mul_wide(kPhiloxRoundB, c[2], hi_b, lo_b);
+    c[0] = hi_b ^ c[1] ^ k0;
+    c[1] = lo_b;
+    c[2] = hi_a ^ c[3] ^ k1;
+    c[3] = lo_a;
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
