@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+import blv_kernels
+from benchmarks import common, loss, plots, summary, training
 
-import blv_kernels  # noqa: E402
-from benchmarks import common, loss, plots, summary, training  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Spelled out here, not read from the module: a provider or field the code stops emitting must fail.
 PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda", "cpu")

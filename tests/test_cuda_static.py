@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks import cuda_static_report, sass
 from blv_kernels.backends import build_csrc
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
-
-from benchmarks import cuda_static_report, sass  # noqa: E402
 
 SOURCE = build_csrc.CSRC / "cuda" / "blv_kernel.cu"
 NVCC = build_csrc.compiler_path("nvcc")

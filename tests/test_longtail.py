@@ -15,12 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+from benchmarks import longtail
+from blv_kernels import variation
 
-from benchmarks import longtail  # noqa: E402
-from blv_kernels import variation  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Spelled out here, not read from the module: a method or field the code stops emitting must fail.
 DIGITS_METHODS = [

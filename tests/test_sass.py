@@ -15,12 +15,8 @@ import pytest
 import triton
 import triton.language as tl
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
-
-from benchmarks import sass  # noqa: E402
-from benchmarks.sass import Decision, line_of, runs, skips  # noqa: E402
+from benchmarks import sass
+from benchmarks.sass import Decision, line_of, runs, skips
 
 THIS_FILE = Path(__file__).resolve()
 BYTES_PER_INSTRUCTION = 16  # sm_90 instructions are 128 bits
@@ -177,6 +173,8 @@ def triton_dir(tmp_path_factory) -> Path:
     # a cache of its own: Triton's cache is keyed by the source, not its file, so a cubin cached
     # from another checkout would carry that checkout's paths in its line info
     env["TRITON_CACHE_DIR"] = str(out / "triton-cache")
+    # run as a script, this file imports benchmarks/ from the repository (pytest's pythonpath)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(THIS_FILE.parents[1]), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, str(THIS_FILE), str(out)], env=env, capture_output=True, text=True, timeout=300
     )

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+from benchmarks import sass, static_report
 
-from benchmarks import sass, static_report  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.skipif(

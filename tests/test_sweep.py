@@ -12,12 +12,10 @@ import pytest
 import torch
 from grid import DEVICE, HAS_CUDA, Case, check_matches_reference
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ belongs to the repository, not to the installed package
+from benchmarks import common, sass, static_report, sweep
+from blv_kernels.backends import triton_kernel as tk
 
-from benchmarks import common, sass, static_report, sweep  # noqa: E402
-from blv_kernels.backends import triton_kernel as tk  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton runs on a GPU or its interpreter"
