@@ -105,8 +105,8 @@ def _options(k: _Kernels, lanes: int, groups: int):
         ("if (!leader) return 0.0f;", nothing),
         ("const float denom = a.denom != nullptr", something),  # "mean": the divisor is read
         ("    if (p < it.count) {", R(L("const int64_t t = load_label(pr.target, pr.target_dtype, it.n"))),
-        ("if (dtype >= BLV_INT32)", int64_labels),
-        ("return dtype == BLV_INT64 ?", int64_labels),
+        (L("if (dtype >= BLV_INT32)", MATH), int64_labels),
+        (L("return dtype == BLV_INT64 ?", MATH), int64_labels),
         ("if (runs)", vector_side),
         ("if (pr.stride_xc == 1 && 4 * g + kRun <= pr.C)", vector_side),
         ("if (a.stride_gc == 1 && 4 * g + kRun <= pr.C)", vector_side),

@@ -1,4 +1,5 @@
-// The BLV variation stream, element by element: Philox4x32-10 and the word -> v transform.
+// The BLV variation stream, element by element: Philox4x32-10 and the word -> v transform; and
+// the label load. Shared by the CPU and CUDA kernels.
 //
 // The same float32 operations as blv_kernels/noise.py (and the Triton kernel), so the words
 // are bit-identical and v agrees to float32 rounding. Host-and-device code with no CUDA or
@@ -8,6 +9,8 @@
 
 #include <math.h>
 #include <stdint.h>
+
+#include "blv_kernel.h"
 
 #ifdef __CUDACC__
 #define BLV_HD __host__ __device__ __forceinline__
@@ -140,6 +143,15 @@ BLV_HD float variation(uint32_t word, float scale, float threshold, Mode mode) {
   const float e = KIND == kPolyErfinv ? erfinv_poly(t) : erfinv_giles(t);
   const float v = scale * e;
   return t < threshold ? (v < 1.0f ? v : 1.0f) : 1.0f;
+}
+
+// Label i of a target of dtype BlvIntType: a decision tree on the dtype (the same for every label
+// of a call), not a switch, which nvcc compiles to an indirect jump through a table.
+BLV_HD int64_t load_label(const void* target, int32_t dtype, int64_t i) {
+  if (dtype >= BLV_INT32)
+    return dtype == BLV_INT64 ? static_cast<const int64_t*>(target)[i] : static_cast<const int32_t*>(target)[i];
+  if (dtype == BLV_INT16) return static_cast<const int16_t*>(target)[i];
+  return dtype == BLV_INT8 ? static_cast<const int8_t*>(target)[i] : static_cast<const uint8_t*>(target)[i];
 }
 
 }  // namespace blv

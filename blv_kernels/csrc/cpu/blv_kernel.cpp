@@ -129,16 +129,6 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-inline int64_t load_label(const void* target, int32_t dtype, int64_t i) {
-  switch (dtype) {
-    case BLV_UINT8: return static_cast<const uint8_t*>(target)[i];
-    case BLV_INT8: return static_cast<const int8_t*>(target)[i];
-    case BLV_INT16: return static_cast<const int16_t*>(target)[i];
-    case BLV_INT32: return static_cast<const int32_t*>(target)[i];
-    default: return static_cast<const int64_t*>(target)[i];
-  }
-}
-
 template <typename L>
 inline void gather_labels(const void* target, const int64_t* __restrict offset, int count, int64_t* __restrict out) {
   const L* __restrict labels = static_cast<const L*>(target);
@@ -582,7 +572,7 @@ extern "C" int blv_label_pass(const BlvProblem* problem, float* weight_sums, int
     float weight_sum = 0.0f;
     int32_t bad = 0;
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t t = load_label(pr.target, pr.target_dtype, n * pr.stride_tn + s * pr.stride_ts);
+      const int64_t t = blv::load_label(pr.target, pr.target_dtype, n * pr.stride_tn + s * pr.stride_ts);
       const bool labelled = t != pr.ignore_index, in_range = t >= 0 && t < pr.C;
       if (labelled && in_range) weight_sum += pr.class_weight != nullptr ? pr.class_weight[t] : 1.0f;
       bad += labelled && !in_range;

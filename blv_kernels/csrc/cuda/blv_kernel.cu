@@ -273,15 +273,6 @@ __device__ __forceinline__ void load_class_values(const float* v, int g, int C, 
     load_strided(v + 4 * g, 1, C - 4 * g, 0.0f, out);
 }
 
-// Label i of a target of dtype BlvIntType: a decision tree on the (uniform) dtype, not a switch,
-// which compiles to an indirect jump through a table.
-__device__ __forceinline__ int64_t load_label(const void* t, int dtype, int64_t i) {
-  if (dtype >= BLV_INT32)
-    return dtype == BLV_INT64 ? static_cast<const int64_t*>(t)[i] : static_cast<const int32_t*>(t)[i];
-  if (dtype == BLV_INT16) return static_cast<const int16_t*>(t)[i];
-  return dtype == BLV_INT8 ? static_cast<const int8_t*>(t)[i] : static_cast<const uint8_t*>(t)[i];
-}
-
 // ------------------------------------------------------------------ reductions
 
 // Over the L lanes of a group (aligned within the warp): a butterfly, so every lane combines the
