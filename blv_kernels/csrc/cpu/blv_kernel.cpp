@@ -129,21 +129,26 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-template <typename L>
-inline void gather_labels(const void* target, const int64_t* __restrict offset, int count, int64_t* __restrict out) {
-  const L* __restrict labels = static_cast<const L*>(target);
-  for (int j = 0; j < count; ++j) out[j] = labels[offset[j]];
+// f(L{}) with L the label type of dtype (BlvIntType): the dtype decided once, outside the loops
+// over labels.
+template <typename F>
+inline void with_label_type(int32_t dtype, const F& f) {
+  switch (dtype) {
+    case BLV_UINT8: return f(uint8_t{});
+    case BLV_INT8: return f(int8_t{});
+    case BLV_INT16: return f(int16_t{});
+    case BLV_INT32: return f(int32_t{});
+    default: return f(int64_t{});
+  }
 }
 
-// out[j] = the label at offset[j], for j < count: one loop per label dtype.
-inline void load_labels(const void* target, int32_t dtype, const int64_t* offset, int count, int64_t* out) {
-  switch (dtype) {
-    case BLV_UINT8: return gather_labels<uint8_t>(target, offset, count, out);
-    case BLV_INT8: return gather_labels<int8_t>(target, offset, count, out);
-    case BLV_INT16: return gather_labels<int16_t>(target, offset, count, out);
-    case BLV_INT32: return gather_labels<int32_t>(target, offset, count, out);
-    default: return gather_labels<int64_t>(target, offset, count, out);
-  }
+// out[j] = the label at offset[j], for j < count.
+inline void load_labels(const void* target, int32_t dtype, const int64_t* __restrict offset, int count,
+                        int64_t* __restrict out) {
+  with_label_type(dtype, [&](auto zero) {
+    const auto* __restrict labels = static_cast<const decltype(zero)*>(target);
+    for (int j = 0; j < count; ++j) out[j] = labels[offset[j]];
+  });
 }
 
 // ------------------------------------------------------------------ threads
@@ -570,18 +575,26 @@ extern "C" int blv_label_pass(const BlvProblem* problem, float* weight_sums, int
     const int64_t end = std::min(begin + kLabelBlockPositions, positions);
     int64_t n = begin / pr.S, s = begin - n * pr.S;
     float weight_sum = 0.0f;
-    int32_t bad = 0;
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t t = blv::load_label(pr.target, pr.target_dtype, n * pr.stride_tn + s * pr.stride_ts);
-      const bool labelled = t != pr.ignore_index, in_range = t >= 0 && t < pr.C;
-      if (labelled && in_range) weight_sum += pr.class_weight != nullptr ? pr.class_weight[t] : 1.0f;
-      bad += labelled && !in_range;
-      if (++s == pr.S) {
-        s = 0;
-        ++n;
+    int32_t bad = 0, count = 0;
+    with_label_type(pr.target_dtype, [&](auto zero) {
+      const auto* labels = static_cast<const decltype(zero)*>(pr.target);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t t = labels[n * pr.stride_tn + s * pr.stride_ts];
+        const bool labelled = t != pr.ignore_index, in_range = t >= 0 && t < pr.C;
+        if (labelled && in_range) {  // without class weights the sum is a count: exact, no float-add chain
+          if (pr.class_weight != nullptr)
+            weight_sum += pr.class_weight[t];
+          else
+            ++count;
+        }
+        bad += labelled && !in_range;
+        if (++s == pr.S) {
+          s = 0;
+          ++n;
+        }
       }
-    }
-    weight_sums[block] = weight_sum;
+    });
+    weight_sums[block] = pr.class_weight != nullptr ? weight_sum : static_cast<float>(count);
     bad_counts[block] = bad;
   };
   return parallel_blocks(blocks, thread_count(num_threads, blocks, positions), 0, body);
