@@ -161,31 +161,34 @@ def test_vector_accesses_are_single_instructions(build):
         assert not {o for o in ops if o.startswith(("LDL", "STL"))}, kernel  # no local memory
 
 
-@needs_binary_tools
-def test_the_static_instruction_report_walks_every_case(build):
-    # benchmarks/cuda_static_report.py decides every branch of the loss kernel by rules keyed by
-    # source lines; a kernel change the rules do not know raises instead of miscounting
+@pytest.fixture(scope="module")
+def static_reports(build) -> dict[str, tuple[bool, int, sass.KernelReport]]:
+    """benchmarks/cuda_static_report.py's walk of each case: name -> (pixel layout, lanes, report)."""
     assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
     report = cuda_static_report
     kernels = report._Kernels((build.directory / "blv_kernel.cubin").read_bytes())
-    for dtype, pixel, num_classes, name in report.CASES:
-        lanes, result = report.case_report(kernels, dtype, pixel, num_classes)
-        assert lanes == report.lanes_for(pixel, num_classes)
+    return {name: (pixel, *report.case_report(kernels, dtype, pixel, num_classes))
+            for dtype, pixel, num_classes, name in report.CASES}  # fmt: skip
+
+
+@needs_binary_tools
+def test_the_static_instruction_report_walks_every_case(static_reports):
+    # benchmarks/cuda_static_report.py decides every branch of the loss kernel by rules keyed by
+    # source lines; a kernel change the rules do not know raises instead of miscounting
+    for _, pixel, num_classes, name in cuda_static_report.CASES:
+        _, lanes, result = static_reports[name]
+        assert lanes == cuda_static_report.lanes_for(pixel, num_classes)
         assert result.per_element["philox"] > 0 and result.per_element["mufu"] > 0, name
         assert result.spill_bytes == 0 and result.registers <= 255, name
 
 
 @needs_binary_tools
-def test_philox_rounds_stay_in_32_bit_registers(build):
+def test_philox_rounds_stay_in_32_bit_registers(static_reports):
     # A round of Philox4x32 is two 32x32 -> 64-bit products (one IMAD.WIDE each, or IMAD.HI and
     # IMAD), two 3-input XORs and at most two key additions: 6 instructions, 60 a 4-word call,
     # 15 per element where one call serves 4 elements (the NCHW loss pass). The products formed
-    # as 64-bit values cost 16.6 (NVVM widened the mixing to 64 bits); blv_math.h's mul_hi keeps
+    # as 64-bit values cost 16.6 (NVVM widened the mixing to 64 bits); blv_math.h's mul_wide keeps
     # them in 32-bit registers (__umulhi).
-    assert build.sm90.returncode == 0, build.sm90.stderr[-4000:]
-    report = cuda_static_report
-    kernels = report._Kernels((build.directory / "blv_kernel.cubin").read_bytes())
-    for dtype, pixel, num_classes, name in report.CASES:
+    for name, (pixel, _, result) in static_reports.items():
         if pixel:
-            _, result = report.case_report(kernels, dtype, pixel, num_classes)
             assert result.per_element["philox"] <= 15.0, (name, result.per_element["philox"])
