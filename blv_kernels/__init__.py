@@ -5,10 +5,9 @@ BLV (CVPR 2023) adds to every logit, during training only, a random positive shi
 and takes softmax cross-entropy.
 """
 
-from . import reference
 from .loss import BLVLoss, blv_cross_entropy, blv_cross_entropy_from_weights
 from .noise import variation
 from .weights import class_weights
 
-__all__ = ["BLVLoss", "blv_cross_entropy", "blv_cross_entropy_from_weights", "class_weights", "variation", "reference"]
+__all__ = ["BLVLoss", "blv_cross_entropy", "blv_cross_entropy_from_weights", "class_weights", "variation"]
 __version__ = "0.1.0"

@@ -17,16 +17,7 @@ from . import noise
 from ._validation import check_target_values
 from .problem import BLVProblem
 
-__all__ = ["blv_cross_entropy", "loss", "weighted_cross_entropy"]
-
-
-def blv_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, **kwargs):
-    """:func:`blv_kernels.blv_cross_entropy` with ``backend="reference"`` (same arguments, same seed rule)."""
-    from .loss import blv_cross_entropy as public
-
-    if "backend" in kwargs:
-        raise TypeError("reference.blv_cross_entropy always uses the reference backend: drop backend=")
-    return public(logits, target, weight, backend="reference", **kwargs)
+__all__ = ["loss", "weighted_cross_entropy"]
 
 
 def loss(problem: BLVProblem, variation: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from blv_kernels import noise, reference
+from blv_kernels import blv_cross_entropy, noise
 from blv_kernels.integrations.mmseg import EPS, MMSegBLVLoss
 from blv_kernels.loss import draw_seed
 from blv_kernels.weights import class_weights
@@ -39,7 +39,7 @@ def _call_with_seed(loss_fn, logits, label, **kwargs):
 def _mmseg_semantics(logits, label, counts, sigma, seed, *, reduction, avg_non_ignore, class_weight=None,
                      weight=None, avg_factor=None, loss_weight=1.0):  # fmt: skip
     """mmseg's cross_entropy + weight_reduce_loss, written out over the reference's per-position BLV loss."""
-    per_position = reference.blv_cross_entropy(
+    per_position = blv_cross_entropy(
         logits,
         label,
         class_counts=counts,
@@ -48,6 +48,7 @@ def _mmseg_semantics(logits, label, counts, sigma, seed, *, reduction, avg_non_i
         weight=class_weight,
         ignore_index=IGNORE,
         reduction="none",
+        backend="reference",
     )
     if weight is not None:
         per_position = per_position * weight
