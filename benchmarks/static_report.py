@@ -123,6 +123,7 @@ def specialise(launch: tk.Launch) -> tuple[dict, dict, dict]:
 
 
 PHILOX = (sass.python_function_lines(tk.__file__, "_philox"),)  # our own Philox, for the "philox" class
+_STORE = sass.side_with(lambda i: i.base == "STG", "a global store")
 
 
 def _line(function, text: str) -> tuple[str, int]:
@@ -131,17 +132,24 @@ def _line(function, text: str) -> tuple[str, int]:
 
 def _walk_options(case: Case, launch: tk.Launch) -> dict:
     """Loop trips and branch decisions of one program, from the launch parameters (module docstring)."""
-    trips, branches = {}, {}
+    trips, branches, default = {}, {}, [sass.skip_slow_paths, _partial_exit]
     if launch.kernel is tk._blv_loss_kernel:
-        # the uniform branch on the erfinv: sigma = 6 takes the polynomial, the call on the line after the if
-        file, line = _line(tk._blv_loss_kernel, "if threshold <= _POLY_MAX:")
-        branches[(file, line)] = sass.runs((file, line + 1))
+        # the uniform branch on the erfinv: sigma = 6 takes the side with the polynomial (found by the
+        # polynomial's own line: Triton 3.6 gives inlined code no location at its call site)
+        branches[_line(tk._blv_loss_kernel, "if threshold <= _POLY_MAX:")] = sass.runs(
+            _line(tk._variation, "e = t * _horner8(t * t")
+        )
+        # a masked gradient store that ptxas puts behind a branch (Triton 3.6): some lane stores
+        branches[_line(tk._store_grad, "tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty), mask=")] = _STORE
         full_chunks = case.num_classes // (4 * max(launch.args["CHUNK_GROUPS"], 1))  # then a masked partial one
-        for sweep in ("# first sweep", "# second sweep"):
-            trips[_line(tk._row_statistics, sweep)] = full_chunks
+        sweeps = [_line(tk._row_statistics, sweep) for sweep in ("# first sweep", "# second sweep")]
+        trips.update(dict.fromkeys(sweeps, full_chunks))
+        # the guard that skips a sweep with no full chunk, where ptxas attributes it to a line of the
+        # loop's body (Triton 3.6): the side holding the loop runs when there are full chunks
+        default += [(sass.runs if full_chunks else sass.skips)(line) for line in sweeps]
     if launch.kernel is tk._scale_kernel:  # grad_output == 1: the scaling is skipped
         branches[_line(tk._scale_kernel, "if scale != 1.0:")] = sass.skips(_line(tk._scale_kernel, "b_g = tl.load("))
-    return dict(trips=trips, branches=branches, default=[sass.skip_slow_paths, _partial_exit])
+    return dict(trips=trips, branches=branches, default=default)
 
 
 def _partial_exit(branch: sass.Branch) -> sass.Decision | None:

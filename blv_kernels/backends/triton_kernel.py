@@ -479,10 +479,6 @@ def _blv_loss_kernel(
     INDEX_64: tl.constexpr,  # some element offset is >= 2**31: 64-bit index arithmetic
 ):  # fmt: skip
     n, pid_s, o_s = _program_positions(BLOCK_P, INDEX_64)
-    # Contiguity 1: every tile in Triton's default layout, a thread's classes in its own registers
-    # (a vectorised load would give the logits another layout, and the class reductions would
-    # then cross warps through shared memory).
-    o_s = tl.max_contiguous(o_s, 1)
     m_p = o_s < S
 
     # per position: label, weights, element offsets, Philox counter (lo32(q), hi32(q)), q = offset + n*S + s
@@ -500,12 +496,16 @@ def _blv_loss_kernel(
         b_pw = tl.load(position_weight_ptr + n * stride_wn + o_s * stride_ws, mask=m_p, other=0.0)
     else:
         b_pw = 1.0
-    o_x = n * stride_xn + o_s * stride_xs
+    # Contiguity 1: every tile in Triton's default layout, a thread's classes in its own registers
+    # (a vectorised load would give the logits another layout, and the class reductions would
+    # then cross warps through shared memory). On the offsets themselves: a hint on a helper's
+    # result sits on the call, and Triton 3.6's inliner drops it.
+    o_x = tl.multiple_of(n * stride_xn + o_s * stride_xs, 1)
     if GRAD_LIKE_X:
         o_g = o_x
         stride_gc = stride_xc
     else:
-        o_g = n * stride_gn + o_s * stride_gs
+        o_g = tl.multiple_of(n * stride_gn + o_s * stride_gs, 1)
     q = n.to(tl.int64) * S + o_s + offset
     q_lo = q.to(tl.uint32)
     q_hi = (q >> 32).to(tl.uint32)
