@@ -184,8 +184,8 @@ def test_the_static_instruction_report_walks_every_case(static_reports):
 
 @needs_binary_tools
 def test_philox_rounds_stay_in_32_bit_registers(static_reports):
-    # A round of Philox4x32 is two 32x32 -> 64-bit products (one IMAD.WIDE each, or IMAD.HI and
-    # IMAD), two 3-input XORs and at most two key additions: 6 instructions, 60 a 4-word call,
+    # A round of Philox4x32 is two 32x32 -> 64-bit products (one IMAD.WIDE.U32 each), two 3-input
+    # XORs and at most two key additions: 6 instructions, 60 a 4-word call,
     # 15 per element where one call serves 4 elements (the NCHW loss pass). The products formed
     # as 64-bit values cost 16.6 (NVVM widened the mixing to 64 bits); blv_math.h's mul_wide keeps
     # them in 32-bit registers (__umulhi).

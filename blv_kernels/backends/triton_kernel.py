@@ -496,10 +496,12 @@ def _blv_loss_kernel(
         b_pw = tl.load(position_weight_ptr + n * stride_wn + o_s * stride_ws, mask=m_p, other=0.0)
     else:
         b_pw = 1.0
-    # Contiguity 1: every tile in Triton's default layout, a thread's classes in its own registers
+    # Vector width 1: every tile in Triton's default layout, a thread's classes in its own registers
     # (a vectorised load would give the logits another layout, and the class reductions would
-    # then cross warps through shared memory). On the offsets themselves: a hint on a helper's
-    # result sits on the call, and Triton 3.6's inliner drops it.
+    # then cross warps through shared memory). By divisibility 1, the positions still the
+    # contiguous axis: contiguity 1 would tie the axes, and Triton 3.6 orders such a tile's
+    # threads over the classes first. On the offsets: Triton 3.6's inliner drops a hint on a
+    # helper's result.
     o_x = tl.multiple_of(n * stride_xn + o_s * stride_xs, 1)
     if GRAD_LIKE_X:
         o_g = o_x

@@ -129,8 +129,8 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-// f(L{}) with L the label type of dtype (BlvIntType): the dtype decided once, outside the loops
-// over labels.
+// f(L{}): a tag of L, the label type of dtype (BlvIntType), so that the dtype is decided once,
+// outside the loops over labels.
 template <typename F>
 inline void with_label_type(int32_t dtype, const F& f) {
   switch (dtype) {
@@ -145,8 +145,8 @@ inline void with_label_type(int32_t dtype, const F& f) {
 // out[j] = the label at offset[j], for j < count.
 inline void load_labels(const void* target, int32_t dtype, const int64_t* __restrict offset, int count,
                         int64_t* __restrict out) {
-  with_label_type(dtype, [&](auto zero) {
-    const auto* __restrict labels = static_cast<const decltype(zero)*>(target);
+  with_label_type(dtype, [&](auto tag) {
+    const auto* __restrict labels = static_cast<const decltype(tag)*>(target);
     for (int j = 0; j < count; ++j) out[j] = labels[offset[j]];
   });
 }
@@ -576,12 +576,12 @@ extern "C" int blv_label_pass(const BlvProblem* problem, float* weight_sums, int
     int64_t n = begin / pr.S, s = begin - n * pr.S;
     float weight_sum = 0.0f;
     int32_t bad = 0, count = 0;
-    with_label_type(pr.target_dtype, [&](auto zero) {
-      const auto* labels = static_cast<const decltype(zero)*>(pr.target);
+    with_label_type(pr.target_dtype, [&](auto tag) {
+      const auto* labels = static_cast<const decltype(tag)*>(pr.target);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t t = labels[n * pr.stride_tn + s * pr.stride_ts];
         const bool labelled = t != pr.ignore_index, in_range = t >= 0 && t < pr.C;
-        if (labelled && in_range) {  // without class weights the sum is a count: exact, no float-add chain
+        if (labelled && in_range) {  // without class weights a count: no loop-carried float add
           if (pr.class_weight != nullptr)
             weight_sum += pr.class_weight[t];
           else
