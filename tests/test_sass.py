@@ -19,6 +19,7 @@ from benchmarks import sass
 from benchmarks.sass import Decision, line_of, runs, skips
 
 THIS_FILE = Path(__file__).resolve()
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 BYTES_PER_INSTRUCTION = 16  # sm_90 instructions are 128 bits
 
 
@@ -242,9 +243,15 @@ def test_disassembly_of_a_real_cubin_drops_the_padding(triton_dir):
     assert kernel.instructions[-1].opcode == "EXIT"
     assert all(i.opcode != "NOP" for i in kernel.instructions)
     shuffle = next(i for i in kernel.instructions if i.opcode == "SHFL.BFLY")
-    # tl.sum's shuffle: innermost in Triton's standard.py, inlined at the kernel's line
+    # tl.sum's shuffle: innermost in Triton's standard.py, inlined at the kernel's line, which
+    # Triton 3.9 records; Triton 3.6 records no call site of inlined code (the GPU machine's: the
+    # static report decides its branches without them)
     assert shuffle.locations[0].file.endswith("triton/language/standard.py")
-    assert shuffle.locations[-1] == sass.Location(str(THIS_FILE), SUM_LINE)
+    call_sites = [loc for loc in shuffle.locations if loc.file == str(THIS_FILE)]
+    if TRITON_VERSION >= (3, 9):
+        assert call_sites == [sass.Location(str(THIS_FILE), SUM_LINE)]
+    else:
+        assert call_sites in ([], [sass.Location(str(THIS_FILE), SUM_LINE)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,9 +349,9 @@ def test_philox_instructions_of_tl_philox(triton_dir):
     instructions = functions[meta["name"]].instructions
     classes = {i: sass.classify(i) for i in instructions}
     philox = [i for i, cls in classes.items() if cls == "philox"]
-    # 10 rounds, each with two high words of 32x32 multiplies and two three-way xors (the first
-    # round's partly folded)
-    assert sum(i.opcode == "IMAD.HI.U32" for i in philox) == 20
+    # 10 rounds, each with two high words of 32x32 multiplies (an IMAD.HI, or an IMAD.WIDE that
+    # forms both halves: Triton 3.6 takes one) and two three-way xors (the first round's partly folded)
+    assert sum(i.opcode in ("IMAD.HI.U32", "IMAD.WIDE.U32") for i in philox) == 20
     assert sum(i.base == "LOP3" for i in philox) >= 18
     assert all(any(loc.file.endswith("triton/language/random.py") for loc in i.locations) for i in philox)
     # the key schedule is the same for every lane: ptxas moves it to the uniform datapath
