@@ -180,9 +180,9 @@ def agrees(grad: torch.Tensor, expected: torch.Tensor) -> bool:
 def measure(backend: str, case, problem, grad_output, config=None, expected=None) -> dict:
     """One row: a Triton candidate (``config``) or the CUDA C++ backend, checked, then timed."""
     row = identity(case, backend, config)
-    if (
-        config is not None
-    ):  # one launch of its loss pass compiles it: the card's registers and spills (None: interpreted)
+    # a Triton candidate: one launch of its loss pass compiles it, with the card's registers and
+    # spills (None: interpreted)
+    if config is not None:
         view = tk.Addressed.of(problem, compute_grad=True)  # a gradient buffer of its own, freed at once
         compiled = tk.loss_launch(problem, view, grad_output, config)()  # (grad_output: a divisor of 1)
         del view
