@@ -18,10 +18,11 @@ the model can be recalibrated whenever a GPU runs.
 Assumptions of the walk (per program): sigma = 6, so the polynomial erfinv (threshold <= 0.7)
 runs; the mean reduction, no class or position weights, no label smoothing, int64 labels; the
 backward's grad_output is exactly 1 (``loss.backward()``), so the scaling kernel reads only the
-scalar. Loop trips come from the launch parameters (the two class sweeps of C > 32 run
-C // (4 CHUNK_GROUPS) full chunks each, then one partial chunk). Every program is taken to run the same path; the
-last, partial program of a grid and the grid's tail on the GPU are not modelled. Must run
-without TRITON_INTERPRET (the interpreter compiles nothing).
+scalar. Loop trips come from the launch parameters (the two class sweeps of C > 384, or 320
+with strided positions, run C // (4 CHUNK_GROUPS) full chunks each, then one partial chunk).
+Every program is taken to run the same path; the last, partial program of a grid and the
+grid's tail on the GPU are not modelled. Must run without TRITON_INTERPRET (the interpreter
+compiles nothing).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class Case:
     @property
     def num_classes(self) -> int:
         return self.shape[1]
+
+    @property
+    def positions_contiguous(self) -> bool:
+        return self.layout == "nchw"
 
 
 CASES = {
@@ -219,7 +224,8 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
     return {
         "case": case.name, "shape": list(case.shape), "dtype": _TYPES[case.dtype], "layout": case.layout,
         "kernels": [{"kernel": r.kernel, "registers": r.report.registers, "spill_bytes": r.report.spill_bytes,
-                     "blocks_per_sm": r.report.occupancy.blocks, "per_element": r.report.per_element,
+                     "blocks_per_sm": r.report.occupancy.blocks,
+                     "warps_per_sm": r.report.occupancy.blocks * r.report.num_warps, "per_element": r.report.per_element,
                      "total": r.report.total, "memory_lines": r.memory_lines} for r in rows],
         "per_element": per_element, "total_per_element": total, "bytes_per_element": bytes_moved / case.elements,
         "efficiency": efficiency, "predicted_ms": prediction.ms, "issue_ms": prediction.issue_ms,
@@ -229,25 +235,26 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
 
 def config_rows(max_classes: int = 8192) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
-    C in [1, max_classes] (with and without a partial chunk), fp32 and bf16, pixels contiguous
-    (NCHW) and classes contiguous (channels_last, rows)."""
-    chosen = {}
-    for num_classes in range(1, max_classes + 1):
-        config = tk.kernel_config(num_classes)
-        partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
-        chosen.setdefault((config, partial), num_classes)
+    C in [1, max_classes] (with and without a partial chunk), fp32 and bf16, NCHW, channels_last
+    and rows (Triton 3.6 lays the last two out otherwise)."""
+    chosen = {}  # the first C of each configuration, per layout
+    for layout in ("nchw", "channels_last", "rows"):
+        for num_classes in range(1, max_classes + 1):
+            config = tk.kernel_config(num_classes, positions_contiguous=layout == "nchw")
+            partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
+            chosen.setdefault((layout, config, partial), num_classes)
     rows = []
-    for (config, partial), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
+    for (layout, config, partial), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
         for dtype in (torch.float32, torch.bfloat16):
-            for layout in ("nchw", "rows"):
-                case = Case((2, num_classes, 64, 64) if layout == "nchw" else (8192, num_classes), dtype, layout)
-                problem, scalar = meta_problem(case)
-                launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
-                compiled = compile_launch(launch)
-                resources = sass.resource_usage(compiled.cubin)[compiled.name]
-                rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,
-                             "dtype": _TYPES[dtype], "layout": layout, "registers": resources.registers,
-                             "spill_bytes": resources.spill_bytes})  # fmt: skip
+            case = Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
+            problem, scalar = meta_problem(case)
+            launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
+            assert launch.num_warps == config.num_warps and launch.maxnreg == config.maxnreg
+            compiled = compile_launch(launch)
+            resources = sass.resource_usage(compiled.cubin)[compiled.name]
+            rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,
+                         "dtype": _TYPES[dtype], "layout": layout, "registers": resources.registers,
+                         "spill_bytes": resources.spill_bytes})  # fmt: skip
     return rows
 
 

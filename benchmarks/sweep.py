@@ -4,8 +4,9 @@ what ``kernel_config``'s table and ``backend="auto"`` should be chosen from.
     python -m benchmarks.sweep --static [--cases NAME,...]            # any machine: the sm_90 SASS
     python -m benchmarks.sweep [--cases ...] [--budget-s S] [--out DIR]  # a GPU: measured
 
-The candidates of a class count are ``kernel_config``'s choice and its variants: warps per program
-(one position per thread), the register cap, and above 24 classes the chunk width. ``--static``
+The candidates of a class count are ``kernel_config``'s choice and its variants: warps per program,
+the register cap, and above 24 classes both blockings (the row spread over a program's warps, and
+two sweeps over chunks of classes, of every chunk width). ``--static``
 compiles one training step's launches with each for sm_90 and reports registers, spills, blocks
 per SM, thread-instructions per element and the model's predicted H100 time (static estimates,
 ``benchmarks/static_report.py``). On a GPU every candidate is launched once (its registers and
@@ -57,34 +58,42 @@ CASES = {
     for dtype in (torch.float32, torch.bfloat16)
     for case in [static_report.Case(SHAPES[shape_name].full, dtype, layout)]
 }
-WARPS = (2, 4, 8)  # warps per program: 64, 128, 256 positions
+WARPS = (2, 4, 8)  # warps per program with one position a thread: 64, 128, 256 positions
 REGISTER_CAPS = (None, 96, 128)  # ptxas's cap (None: its own choice); kernel_config's own cap is always a candidate
 CHUNK_GROUPS = (1, 2, 4)  # two sweeps: groups of four classes per chunk
 GRAPH_REP_MS = 100  # the calls of one graph fill about this many ms per replay
 
 
-def candidates(num_classes: int) -> list[tk.KernelConfig]:
-    """``kernel_config``'s choice first, then its variants (each once)."""
-    chosen = tk.kernel_config(num_classes)
-    chunks = CHUNK_GROUPS if chosen.chunk_groups else (0,)
-    variants = [
-        chosen._replace(block_p=32 * warps, num_warps=warps, maxnreg=cap, chunk_groups=chunk)
-        for warps in WARPS for cap in REGISTER_CAPS for chunk in chunks
-    ]  # fmt: skip
+def candidates(num_classes: int, positions_contiguous: bool = True) -> list[tk.KernelConfig]:
+    """``kernel_config``'s choice first, then its variants (each once): up to 24 classes, one position
+    a thread over other warp counts; above, the row spread over other warp counts (up to 12 groups
+    of four a thread) and the two sweeps; each with every register cap."""
+    chosen = tk.kernel_config(num_classes, positions_contiguous)
+    groups = -(-num_classes // 4)
+    if groups <= tk.ONE_THREAD_MAX_GROUPS:
+        blockings = [chosen._replace(block_p=32 * warps, num_warps=warps) for warps in WARPS]
+    else:
+        spread = [(warps, tk.class_blocks(groups, warps)) for warps in tk.ROW_WARPS]
+        blockings = [
+            tk.KernelConfig(32, warps, main, tail, 0, None) for warps, (main, tail) in spread
+            if main >= warps and main + tail <= 2 * tk.ONE_THREAD_MAX_GROUPS * warps
+        ] + [tk.KernelConfig(32 * warps, warps, 0, 0, chunk, None) for warps in WARPS for chunk in CHUNK_GROUPS]  # fmt: skip
+    variants = [blocking._replace(maxnreg=cap) for blocking in blockings for cap in REGISTER_CAPS]
     return list(dict.fromkeys([chosen, *variants]))
 
 
 def describe(config: tk.KernelConfig) -> str:
-    blocks = (f"one pass {config.main_groups}+{config.tail_groups} groups" if config.main_groups
+    held_by = "a thread" if config.block_p == 32 * config.num_warps else "the warps"
+    blocks = (f"one pass {config.main_groups}+{config.tail_groups} groups, a row over {held_by}" if config.main_groups
               else f"two sweeps, chunks of {config.chunk_groups} groups")  # fmt: skip
     return f"{config.num_warps} warps, {blocks}, maxnreg {config.maxnreg or '-'}"
 
 
 def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
     """The fields that say which row this is, on every row whatever its outcome."""
+    chosen = tk.kernel_config(case.num_classes, case.positions_contiguous)
     return {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
-            "description": "CUDA C++" if config is None else describe(config),
-            "chosen": config is not None and config == tk.kernel_config(case.num_classes)}  # fmt: skip
+            "description": "CUDA C++" if config is None else describe(config), "chosen": config == chosen}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- static
@@ -93,7 +102,7 @@ def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
 def static_rows(case: static_report.Case) -> list[dict]:
     """Every candidate of the case, compiled for sm_90 and walked (static estimates)."""
     rows = []
-    for config in candidates(case.num_classes):
+    for config in candidates(case.num_classes, case.positions_contiguous):
         report = static_report.case_report(case, config)
         loss = next(k for k in report["kernels"] if k["kernel"] == tk._blv_loss_kernel.fn.__name__)
         row = {**identity(case, "triton", config), "registers": loss["registers"], "spill_bytes": loss["spill_bytes"],
@@ -212,7 +221,9 @@ def measured_rows(cases: list[static_report.Case], device: torch.device, budget_
     for sweep in ("baseline", "variants"):
         for case in cases:
             todo = (
-                [tk.kernel_config(case.num_classes), None] if sweep == "baseline" else candidates(case.num_classes)[1:]
+                [tk.kernel_config(case.num_classes, case.positions_contiguous), None]
+                if sweep == "baseline"
+                else candidates(case.num_classes, case.positions_contiguous)[1:]
             )
             # the case's inputs and reference gradient (a compile) only while there is budget for a row
             problem = grad_output = expected = None

@@ -2,12 +2,12 @@
 
 One case is a shape, a layout, a dtype and the loss's options. The grid covers every
 class-count regime of the kernels (C = 1, 2, below one Philox group of four, the
-Cityscapes/ADE/COCO-Stuff/ImageNet C, C above a class chunk), odd spatial sizes and N = 1,
-every layout (NCHW, channels_last, (N, C) rows, 3-D, sliced and permuted views), every dtype,
-ignore ratios 0 to 100%, every reduction, both weights, label smoothing, both modes and
-sigma in {0, 0.5, 4, 6} (0.5 takes the Giles erfinv path, 4 and 6 the polynomial one).
-Shapes stay small: on a CPU the Triton kernels run under the interpreter and the CUDA
-kernels under emulation.
+Cityscapes/ADE/COCO-Stuff/ImageNet C, C above a class chunk, the Triton rows spread over 2 to
+16 warps), odd spatial sizes and N = 1, every layout (NCHW, channels_last, (N, C) rows, 3-D,
+sliced and permuted views), every dtype, ignore ratios 0 to 100%, every reduction, both
+weights, label smoothing, both modes and sigma in {0, 0.5, 4, 6} (0.5 takes the Giles erfinv
+path, 4 and 6 the polynomial one). Shapes stay small: on a CPU the Triton kernels run under
+the interpreter and the CUDA kernels under emulation.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ CASES = [
     Case((8, 1000), weight=True, position_weight=True),
     Case((5, 67), reduction="none", mode="clamp"),  # C above one chunk of 64 classes
     Case((1, 67, 2, 3), layout="class-sliced", sigma=4.0),
+    # the Triton rows over 2 and 16 warps (33 and 300 classes), a program's 32 positions partial
+    Case((2, 33, 5, 7), layout="channels_last", weight=True),
+    Case((3, 300), reduction="sum", label_smoothing=0.1),
     # C = 1, 2, 3: below and at one Philox group of four classes
     Case((3, 1, 5, 7), reduction="none"),
     Case((4, 2, 3, 3), reduction="sum", mode="clamp"),

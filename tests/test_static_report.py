@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from benchmarks import sass, static_report
+from blv_kernels.backends import triton_kernel as tk
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,16 +63,19 @@ def test_instruction_budget(step_reports):
         assert report["per_element"]["philox"] > 0  # the Philox instructions are found and classed
 
 
-def test_nchw_loss_pass_exchanges_nothing_between_threads(step_reports):
-    # a thread holds its positions' classes in registers (the contiguity hint on the offsets): no
-    # layout conversion through shared memory, no barrier in the class loops. Triton 3.6 dropped
-    # the hint where it sat on a helper's result, and converted every chunk's logits through
-    # shared memory (9.7 sync instructions per element at C = 150, 120 in all). channels_last and
-    # rows are not held to it: Triton 3.6 spreads their tiles' threads over the classes first.
+def test_nchw_loss_pass_exchanges_no_logits_between_threads(step_reports):
+    # Up to 24 classes a thread holds its position's row in registers (the divisibility hint on
+    # the offsets): no layout conversion through shared memory, no barrier. Triton 3.6 dropped the
+    # hint where it sat on a helper's result and converted every class chunk's logits through
+    # shared memory (9.7 sync instructions per element at C = 150, 120 in all). Above, a program's
+    # warps share the rows, and only the class reductions cross them (the max, the sum and z_t of
+    # the main and the tail block: 2.3-2.6 per element at C = 150, against 4 allowed). channels_last
+    # and rows are not held to it: Triton 3.6 spreads their tiles' threads over the classes first.
     for report in step_reports.values():
         if report["layout"] == "nchw":
             loss = next(k for k in report["kernels"] if k["kernel"] == "_blv_loss_kernel")
-            assert loss["per_element"]["sync"] < 1.0, (report["case"], loss["per_element"])
+            one_thread = report["shape"][1] <= 4 * tk.ONE_THREAD_MAX_GROUPS
+            assert loss["per_element"]["sync"] < (1.0 if one_thread else 4.0), (report["case"], loss["per_element"])
 
 
 def test_registers_spills_and_occupancy(step_reports):
@@ -79,7 +83,7 @@ def test_registers_spills_and_occupancy(step_reports):
         for kernel in report["kernels"]:
             assert kernel["spill_bytes"] == 0, (report["case"], kernel)
             assert kernel["registers"] <= 128, (report["case"], kernel)
-            assert kernel["blocks_per_sm"] >= 4, (report["case"], kernel)  # at least 16 warps per SM
+            assert kernel["warps_per_sm"] >= 16, (report["case"], kernel)
 
 
 def test_backward_with_grad_output_one_moves_nothing(step_reports):

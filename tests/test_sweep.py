@@ -22,15 +22,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("num_classes", [7, 19, 150, 1000])
-def test_candidates_start_with_kernel_config_and_vary_it_once_each(num_classes):
-    chosen = tk.kernel_config(num_classes)
-    found = sweep.candidates(num_classes)
+@pytest.mark.parametrize("positions_contiguous", [True, False])
+@pytest.mark.parametrize("num_classes", [7, 19, 25, 150, 1000])
+def test_candidates_start_with_kernel_config_and_vary_it_once_each(num_classes, positions_contiguous):
+    chosen = tk.kernel_config(num_classes, positions_contiguous)
+    found = sweep.candidates(num_classes, positions_contiguous)
     assert found[0] == chosen and len(set(found)) == len(found) > 1
-    for config in found:  # one position per thread; the class blocking of kernel_config's kind
-        assert config.block_p == 32 * config.num_warps
-        assert (config.main_groups, config.tail_groups) == (chosen.main_groups, chosen.tail_groups)
-        assert (config.chunk_groups > 0) == (chosen.chunk_groups > 0)
+    groups = -(-num_classes // 4)
+    spread = [c for c in found if c.main_groups and c.block_p != 32 * c.num_warps]
+    swept = [c for c in found if c.chunk_groups]
+    for config in found:
+        if config.main_groups and config.block_p == 32 * config.num_warps:  # one position a thread: its blocks
+            assert groups <= tk.ONE_THREAD_MAX_GROUPS and config.main_groups == chosen.main_groups
+            assert config.tail_groups == chosen.tail_groups
+        elif config.main_groups:  # the row spread over the warps: that many warps' blocks
+            assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, config.num_warps)
+        else:  # two sweeps, one position a thread
+            assert config.block_p == 32 * config.num_warps and config.chunk_groups > 0
+    # above 24 classes both blockings are candidates, while the row fits the warps of a program
+    if groups > tk.ONE_THREAD_MAX_GROUPS:
+        assert swept and (chosen in spread if chosen.main_groups else chosen in swept)
+        assert bool(spread) == (num_classes < 1000)
 
 
 def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:
@@ -48,7 +60,7 @@ def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:
 def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch):
     # the sweep must time only kernels that compute the loss: each blocking, through the public entry
     for config in _distinct_blockings(case.shape[1]):
-        monkeypatch.setattr(tk, "kernel_config", lambda num_classes, config=config: config)
+        monkeypatch.setattr(tk, "kernel_config", lambda num_classes, positions_contiguous=True, config=config: config)
         check_matches_reference("triton", case, rng)
 
 

@@ -66,18 +66,30 @@ def test_transform_matches_pytorch(sigma, mode, rng):
     assert torch.equal(out.cpu() == 1, ref == 1)  # the atom at v = 1 is decided on t alone: exact
 
 
-@pytest.mark.parametrize("num_classes", [1, 2, 3, 4, 5, 15, 16, 17, 19, 20, 21, 31, 32, 33, 67, 150, 1000, 8192])
-def test_kernel_config_covers_every_class_count(num_classes):
-    config = tk.kernel_config(num_classes)
+@pytest.mark.parametrize("positions_contiguous", [True, False])
+@pytest.mark.parametrize("num_classes", [1, 2, 3, 4, 5, 15, 16, 17, 19, 20, 21, 24, 25, 31, 32, 33, 41, 48, 49, 67, 150,
+                                         171, 320, 321, 384, 385, 1000, 8192])  # fmt: skip
+def test_kernel_config_covers_every_class_count(num_classes, positions_contiguous):
+    config = tk.kernel_config(num_classes, positions_contiguous)
     groups = triton.cdiv(num_classes, 4)
-    assert config.block_p % (32 * config.num_warps) == 0
-    if groups <= tk.ONE_PASS_MAX_GROUPS:  # the row in registers, padded only to the next multiple of 4
-        assert config.main_groups & (config.main_groups - 1) == 0 and config.chunk_groups == 0
-        assert config.tail_groups == 0 or config.tail_groups & (config.tail_groups - 1) == 0
-        assert groups <= config.main_groups + config.tail_groups < 2 * groups or groups == 1
-        assert config.main_groups <= groups
-    else:
-        assert config.main_groups == config.tail_groups == 0 and config.chunk_groups > 0
+    main, tail = config.main_groups, config.tail_groups
+    # a thread's most groups of four in the rows spread over warps, and the largest such row
+    per_thread = tk.ONE_THREAD_MAX_GROUPS if positions_contiguous else tk.SPREAD_MAX_GROUPS
+    if main:  # the row in registers: a main block of a power of two <= the groups, a tail of a power of two
+        assert config.chunk_groups == 0 and main <= groups and main & (main - 1) == 0 and tail & (tail - 1) == 0
+        if config.block_p == 32 * config.num_warps:  # one position a thread, padded to the next multiple of 4
+            assert groups <= tk.ONE_THREAD_MAX_GROUPS
+            assert groups <= main + tail < 2 * groups or groups == 1
+        else:  # 32 positions, their rows over the fewest warps that leave a thread <= per_thread groups
+            warps = config.num_warps
+            assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS and warps in tk.ROW_WARPS
+            assert main >= warps and (tail == 0 or tail >= warps)  # no tile smaller than the warps
+            assert groups <= main + tail <= per_thread * warps
+            assert warps == tk.ROW_WARPS[0] or sum(tk.class_blocks(groups, warps // 2)) > per_thread * warps // 2
+            assert config.maxnreg == (None if positions_contiguous else 128)
+    else:  # two sweeps, one position a thread
+        assert config.block_p % (32 * config.num_warps) == 0 and config.chunk_groups > 0
+        assert groups > per_thread * tk.ROW_WARPS[-1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

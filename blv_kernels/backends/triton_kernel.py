@@ -14,16 +14,20 @@ needs it, writes the gradient in the same pass: the backward then only scales it
 ``grad_output`` (``_scale_kernel``, which reads nothing when that is exactly 1).
 
 The loss pass gives each program BLOCK_P positions of one sample (grid: position blocks x N;
-N = 1 when the layout lets the batch be one run of positions, as channels_last and rows do),
-and each thread a few consecutive positions with all of their classes, so that no reduction
-crosses threads. Classes are held as four tiles [groups, positions], one per Philox output
-word (classes 4g + k), so one Philox call serves four classes:
+N = 1 when the layout lets the batch be one run of positions, as channels_last and rows do).
+Classes are held as four tiles [groups, positions], one per Philox output word (classes
+4g + k), so one Philox call serves four classes. ``kernel_config`` chooses how:
 
-- up to ``ONE_PASS_MAX_GROUPS`` groups (C <= 4 * that): the whole row stays in registers, as
-  a main block of a power-of-two number of groups and a tail block (padding only to the next
-  multiple of four classes); noise, transform and exponential are computed once per element.
-- more classes: chunks of CHUNK_GROUPS groups; a first sweep keeps the running max and sum
-  (online softmax), a second sweep regenerates the noise and writes the gradient.
+- the whole row in registers, as a main block of a power-of-two number of groups and a tail
+  block; noise, transform and exponential are computed once per element. Up to
+  ``ONE_THREAD_MAX_GROUPS`` groups a thread holds its position's row (one position a thread, no
+  reduction crosses threads); up to ``ROW_WARPS[-1]`` times that, a program's warps share the
+  rows of 32 positions (one a lane), and the class reductions (the max, then the sum and z_t)
+  cross warps through shared memory. Only the tail block is padded: to a power of two of
+  groups, at least one a warp.
+- more classes: chunks of CHUNK_GROUPS groups, one position a thread; a first sweep keeps the
+  running max and sum (online softmax), a second sweep regenerates the noise and writes the
+  gradient.
 
 Layouts: the logits are addressed as (N, C, S) through three strides, so NCHW (positions
 contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
@@ -166,17 +170,19 @@ def _perturbed_block(x_ptr, o_x, variation_weight_ptr, k0, k1, q_lo, q_hi, g_sta
 
 
 # ----------------------------------------------------------------------------------------------
-# Reductions of the four tiles of a class block over their classes (axis 0, inside each thread)
+# Reductions of the four tiles of a class block over their classes (axis 0): the tiles combined
+# element by element first, so that one reduction (the costly part where warps share a row: a
+# round through shared memory) serves all four
 
 
 @triton.jit
 def _max4(z0, z1, z2, z3):
-    return tl.maximum(tl.maximum(tl.max(z0, 0), tl.max(z1, 0)), tl.maximum(tl.max(z2, 0), tl.max(z3, 0)))
+    return tl.max(tl.maximum(tl.maximum(z0, z1), tl.maximum(z2, z3)), 0)
 
 
 @triton.jit
 def _sum4(a0, a1, a2, a3):
-    return (tl.sum(a0, 0) + tl.sum(a1, 0)) + (tl.sum(a2, 0) + tl.sum(a3, 0))
+    return tl.sum((a0 + a1) + (a2 + a3), 0)
 
 
 @triton.jit
@@ -496,12 +502,12 @@ def _blv_loss_kernel(
         b_pw = tl.load(position_weight_ptr + n * stride_wn + o_s * stride_ws, mask=m_p, other=0.0)
     else:
         b_pw = 1.0
-    # Vector width 1: every tile in Triton's default layout, a thread's classes in its own registers
-    # (a vectorised load would give the logits another layout, and the class reductions would
-    # then cross warps through shared memory). By divisibility 1, the positions still the
-    # contiguous axis: contiguity 1 would tie the axes, and Triton 3.6 orders such a tile's
-    # threads over the classes first. On the offsets: Triton 3.6's inliner drops a hint on a
-    # helper's result.
+    # Vector width 1: every tile in Triton's default layout, a thread's classes (or its warp's
+    # share of them) in its own registers (a vectorised load would give the logits another layout,
+    # and converting them would cross warps through shared memory). By divisibility 1, the
+    # positions still the contiguous axis: contiguity 1 would tie the axes, and Triton 3.6 orders
+    # such a tile's threads over the classes first. On the offsets: Triton 3.6's inliner drops a
+    # hint on a helper's result.
     o_x = tl.multiple_of(n * stride_xn + o_s * stride_xs, 1)
     if GRAD_LIKE_X:
         o_g = o_x
@@ -562,17 +568,29 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 # Launchers
 
 # The loss kernel's configuration, chosen by the static report (benchmarks/static_report.py, sm_90,
-# fwd+bwd thread-instructions per element, fp32 / bf16, NCHW 8 x C x 512 x 1024):
-#   C = 24  one pass (6 groups) 54.5 / 56.5   two sweeps, chunks of 1 / 2 groups: 101.4 / 99.5
-#   C = 28  one pass (4 + 4 groups) 64.3, spills 32-64 B   two sweeps: 100.1 / 108.5 (no spills)
-#   C = 32  one pass (8 groups) 50.9, spills 48 B          two sweeps: 99.2 / 97.3 (chunks of 4: 98.9)
-# so the row stays in registers up to 6 groups of four (24 classes); above, two sweeps over chunks of
-# 2 groups (chunks of 4 spill at C = 24-28 and take 168 registers at C = 150). One position per
-# thread (BLOCK_P = 32 x num_warps); ptxas is capped at 112 / 128 registers, which it otherwise
-# exceeds without need at C = 150 (145 unconstrained, the same instruction count at 124). At 17-20
-# classes, though, it takes 80 uncapped, with fewer instructions: the cap stays until the GPU sweep
-# (benchmarks/sweep.py) has measured it, since it bounds the registers whatever ptxas the card has.
-ONE_PASS_MAX_GROUPS = 6
+# Triton 3.9, fwd+bwd thread-instructions per element, fp32 NCHW 8 x C x 512 x 512 unless said):
+#   a thread holds at most 6 groups of four classes of a position in registers (24 classes; the
+#   8 x 19 x 512 x 1024 case 61.1 at 112 registers); 4 + 4 groups (C = 28) spills 32-64 B.
+#   Above 24 classes a program's W warps share the rows of 32 positions (one a lane), W the
+#   fewest of 2, 4, 8, 16 that leave a thread at most 6 groups, against two sweeps over chunks:
+#     C =  25 W = 2   89.0   two sweeps 121.1      C = 150 W = 8   69.6   two sweeps 91.9
+#     C =  40 W = 2   64.9              95.5       C = 171 W = 8   72.3              93.2
+#     C =  65 W = 4   80.0             101.8       C = 256 W = 16  63.9              90.4
+#     C = 100 W = 8   90.3              94.9       C = 384 W = 16  66.3
+#   (the class reductions cross the warps through shared memory, 2-3 sync instructions per element;
+#   more warps cost more of them, fewer leave a thread more classes than its registers hold; the
+#   tail block's padding costs C = 25 and 100 most). Strided positions (channels_last, rows):
+#   Triton 3.6 lays such tiles out classes first and converts them (44 layout conversions at
+#   C = 150), taking up to 171 registers; with a cap of 128 and at most 5 groups a thread, no
+#   configuration spills under 3.6 or 3.9. Above 16 x 24 = 384 classes (320 strided): two sweeps
+#   over chunks of 2 groups, one position a thread (65536 x 1000 rows 89.7; chunks of 4 spill at
+#   C = 24-28 and take 168 registers at C = 150).
+# ptxas is capped at 112 / 128 registers where it otherwise takes more than it needs (145 at
+# C = 150 in two sweeps, the same count at 124); NCHW rows over warps take <= 128 uncapped (a cap
+# of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
+ONE_THREAD_MAX_GROUPS = 6
+SPREAD_MAX_GROUPS = 5
+ROW_WARPS = (2, 4, 8, 16)
 CHUNK_GROUPS = 2
 LABEL_BLOCK = 1024
 SCALE_BLOCK = 4096
@@ -592,16 +610,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def class_blocks(groups: int, warps: int) -> tuple[int, int]:
+    """(main, tail) groups of a row held in registers: the largest power of two <= groups, and the
+    rest padded up to a power of two (0 when there is none); over ``warps`` warps, neither fewer than one
+    group a warp (a smaller tile would be replicated across warps)."""
+    main = 1 << (groups.bit_length() - 1)
+    rest = groups - main
+    return main, max(1 << (rest - 1).bit_length(), warps) if rest else 0
+
+
 @functools.cache
-def kernel_config(num_classes: int) -> KernelConfig:
-    """The loss kernel's blocks for C classes (see the table above): the row in registers as a main
-    block (a power of two of groups of four) and a tail block when C <= 4 * ONE_PASS_MAX_GROUPS, else
-    two sweeps over chunks of CHUNK_GROUPS groups."""
+def kernel_config(num_classes: int, positions_contiguous: bool = True) -> KernelConfig:
+    """The loss kernel's blocks for C classes (see the table above): the row in registers, held by
+    one thread up to ONE_THREAD_MAX_GROUPS groups of four, else spread over the fewest warps that
+    leave a thread no more (SPREAD_MAX_GROUPS, and a register cap, where the positions are strided:
+    channels_last, rows); above that, two sweeps over chunks of CHUNK_GROUPS groups."""
     groups = _cdiv(num_classes, 4)
-    if groups <= ONE_PASS_MAX_GROUPS:
-        main = 1 << (groups.bit_length() - 1)  # the largest power of two <= groups
-        tail = 1 << (groups - main - 1).bit_length() if groups > main else 0  # the rest, up to a power of two
-        return KernelConfig(128, 4, main, tail, 0, 112)
+    if groups <= ONE_THREAD_MAX_GROUPS:
+        return KernelConfig(128, 4, *class_blocks(groups, 1), 0, 112)
+    per_thread, cap = (ONE_THREAD_MAX_GROUPS, None) if positions_contiguous else (SPREAD_MAX_GROUPS, 128)
+    for warps in ROW_WARPS:
+        main, tail = class_blocks(groups, warps)
+        if main + tail <= per_thread * warps:
+            return KernelConfig(32, warps, main, tail, 0, cap)
     return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
 
 
@@ -684,11 +715,11 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     """The loss pass (with ``kernel_config``'s blocks unless ``config`` is given: the sweep's
     candidates); its outputs ``loss_sums_ptr``, ``loss_ptr`` (per position, "none") and
     ``grad_ptr`` are in ``args``."""
+    s = view.strides
     if config is None:
-        config = kernel_config(problem.num_classes)
+        config = kernel_config(problem.num_classes, positions_contiguous=s["stride_xs"] == 1)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
-    s = view.strides
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
     return Launch(_blv_loss_kernel, grid, dict(
         x_ptr=view.logits, target_ptr=view.target, variation_weight_ptr=problem.variation_weight,
