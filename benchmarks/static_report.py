@@ -235,16 +235,18 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
 
 def config_rows(max_classes: int = 8192) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
-    C in [1, max_classes] (with and without a partial chunk), fp32 and bf16, NCHW, channels_last
-    and rows (Triton 3.6 lays the last two out otherwise)."""
-    chosen = {}  # the first C of each configuration, per layout
+    C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
+    NCHW, channels_last and rows (Triton 3.6 lays the last two out otherwise); the default options
+    (no weights, no label smoothing, the mean)."""
+    chosen = {}  # the first C of each kernel (configuration, partial chunk, full main block), per layout
     for layout in ("nchw", "channels_last", "rows"):
         for num_classes in range(1, max_classes + 1):
             config = tk.kernel_config(num_classes, positions_contiguous=layout == "nchw")
             partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
-            chosen.setdefault((layout, config, partial), num_classes)
+            main_full = 4 * config.main_groups <= num_classes
+            chosen.setdefault((layout, config, partial, main_full), num_classes)
     rows = []
-    for (layout, config, partial), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
+    for (layout, config, partial, _), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
         for dtype in (torch.float32, torch.bfloat16):
             case = Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
             problem, scalar = meta_problem(case)

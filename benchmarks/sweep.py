@@ -69,7 +69,7 @@ def candidates(num_classes: int, positions_contiguous: bool = True) -> list[tk.K
     a thread over other warp counts; above, the row spread over other warp counts (up to 12 groups
     of four a thread) and the two sweeps; each with every register cap."""
     chosen = tk.kernel_config(num_classes, positions_contiguous)
-    groups = -(-num_classes // 4)
+    groups = math.ceil(num_classes / 4)
     if groups <= tk.ONE_THREAD_MAX_GROUPS:
         blockings = [chosen._replace(block_p=32 * warps, num_warps=warps) for warps in WARPS]
     else:

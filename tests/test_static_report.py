@@ -69,7 +69,7 @@ def test_nchw_loss_pass_exchanges_no_logits_between_threads(step_reports):
     # hint where it sat on a helper's result and converted every class chunk's logits through
     # shared memory (9.7 sync instructions per element at C = 150, 120 in all). Above, a program's
     # warps share the rows, and only the class reductions cross them (the max, the sum and z_t of
-    # the main and the tail block: 2.3-2.6 per element at C = 150, against 4 allowed). channels_last
+    # the main and the tail block: 2.2-2.6 per element at C = 150, against 4 allowed). channels_last
     # and rows are not held to it: Triton 3.6 spreads their tiles' threads over the classes first.
     for report in step_reports.values():
         if report["layout"] == "nchw":

@@ -3,6 +3,7 @@ agreement check rejects a wrong gradient, its measured loop runs end to end on t
 device stood in for), and its static mode compiles every candidate of a case for sm_90."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,21 +29,22 @@ def test_candidates_start_with_kernel_config_and_vary_it_once_each(num_classes, 
     chosen = tk.kernel_config(num_classes, positions_contiguous)
     found = sweep.candidates(num_classes, positions_contiguous)
     assert found[0] == chosen and len(set(found)) == len(found) > 1
-    groups = -(-num_classes // 4)
+    groups = math.ceil(num_classes / 4)
     spread = [c for c in found if c.main_groups and c.block_p != 32 * c.num_warps]
     swept = [c for c in found if c.chunk_groups]
     for config in found:
         if config.main_groups and config.block_p == 32 * config.num_warps:  # one position a thread: its blocks
             assert groups <= tk.ONE_THREAD_MAX_GROUPS and config.main_groups == chosen.main_groups
             assert config.tail_groups == chosen.tail_groups
-        elif config.main_groups:  # the row spread over the warps: that many warps' blocks
+        elif config.main_groups:  # the row spread over the warps: that many warps' blocks, none smaller
             assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, config.num_warps)
+            assert config.block_p == 32 and config.main_groups >= config.num_warps
         else:  # two sweeps, one position a thread
             assert config.block_p == 32 * config.num_warps and config.chunk_groups > 0
     # above 24 classes both blockings are candidates, while the row fits the warps of a program
     if groups > tk.ONE_THREAD_MAX_GROUPS:
         assert swept and (chosen in spread if chosen.main_groups else chosen in swept)
-        assert bool(spread) == (num_classes < 1000)
+        assert bool(spread) == (groups <= 2 * tk.ONE_THREAD_MAX_GROUPS * tk.ROW_WARPS[-1])  # up to 12 groups a thread
 
 
 def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:

@@ -67,29 +67,28 @@ def test_transform_matches_pytorch(sigma, mode, rng):
 
 
 @pytest.mark.parametrize("positions_contiguous", [True, False])
-@pytest.mark.parametrize("num_classes", [1, 2, 3, 4, 5, 15, 16, 17, 19, 20, 21, 24, 25, 31, 32, 33, 41, 48, 49, 67, 150,
-                                         171, 320, 321, 384, 385, 1000, 8192])  # fmt: skip
-def test_kernel_config_covers_every_class_count(num_classes, positions_contiguous):
-    config = tk.kernel_config(num_classes, positions_contiguous)
-    groups = triton.cdiv(num_classes, 4)
-    main, tail = config.main_groups, config.tail_groups
-    # a thread's most groups of four in the rows spread over warps, and the largest such row
-    per_thread = tk.ONE_THREAD_MAX_GROUPS if positions_contiguous else tk.SPREAD_MAX_GROUPS
-    if main:  # the row in registers: a main block of a power of two <= the groups, a tail of a power of two
-        assert config.chunk_groups == 0 and main <= groups and main & (main - 1) == 0 and tail & (tail - 1) == 0
-        if config.block_p == 32 * config.num_warps:  # one position a thread, padded to the next multiple of 4
-            assert groups <= tk.ONE_THREAD_MAX_GROUPS
-            assert groups <= main + tail < 2 * groups or groups == 1
-        else:  # 32 positions, their rows over the fewest warps that leave a thread <= per_thread groups
-            warps = config.num_warps
-            assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS and warps in tk.ROW_WARPS
-            assert main >= warps and (tail == 0 or tail >= warps)  # no tile smaller than the warps
-            assert groups <= main + tail <= per_thread * warps
-            assert warps == tk.ROW_WARPS[0] or sum(tk.class_blocks(groups, warps // 2)) > per_thread * warps // 2
-            assert config.maxnreg == (None if positions_contiguous else 128)
-    else:  # two sweeps, one position a thread
-        assert config.block_p % (32 * config.num_warps) == 0 and config.chunk_groups > 0
-        assert groups > per_thread * tk.ROW_WARPS[-1]
+def test_kernel_config_covers_every_class_count(positions_contiguous):
+    per_thread = tk.ONE_THREAD_MAX_GROUPS if positions_contiguous else tk.SPREAD_MAX_GROUPS  # groups a thread holds
+    for num_classes in range(1, 8193):
+        config = tk.kernel_config(num_classes, positions_contiguous)
+        groups = triton.cdiv(num_classes, 4)
+        main, tail, warps = config.main_groups, config.tail_groups, config.num_warps
+        where = (num_classes, config)
+        if main:  # the row in registers: a main block of a power of two <= the groups, a tail of a power of two
+            assert config.chunk_groups == 0 and main <= groups and main & (main - 1) == 0, where
+            assert tail & (tail - 1) == 0, where
+            if config.block_p == 32 * warps:  # one position a thread, padded to the next multiple of 4
+                assert groups <= tk.ONE_THREAD_MAX_GROUPS and (groups <= main + tail < 2 * groups or groups == 1), where
+            else:  # 32 positions, their rows over the fewest warps that leave a thread <= per_thread groups
+                assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS and warps in tk.ROW_WARPS, where
+                assert main >= warps and (tail == 0 or tail >= warps), where  # no tile smaller than the warps
+                assert groups <= main + tail <= per_thread * warps, where
+                fewer = warps // 2
+                assert warps == tk.ROW_WARPS[0] or sum(tk.class_blocks(groups, fewer)) > per_thread * fewer, where
+                assert config.maxnreg == (None if positions_contiguous else 128), where
+        else:  # two sweeps, one position a thread
+            assert config.block_p % (32 * warps) == 0 and config.chunk_groups > 0, where
+            assert groups > per_thread * tk.ROW_WARPS[-1], where
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -18,13 +18,14 @@ N = 1 when the layout lets the batch be one run of positions, as channels_last a
 Classes are held as four tiles [groups, positions], one per Philox output word (classes
 4g + k), so one Philox call serves four classes. ``kernel_config`` chooses how:
 
-- the whole row in registers, as a main block of a power-of-two number of groups and a tail
-  block; noise, transform and exponential are computed once per element. Up to
+- the whole row in registers, as a main block (the largest power of two of groups within C)
+  and a tail block (the rest, padded to a power of two of groups; classes >= C are masked);
+  noise, transform and exponential are computed once per element. Up to
   ``ONE_THREAD_MAX_GROUPS`` groups a thread holds its position's row (one position a thread, no
-  reduction crosses threads); up to ``ROW_WARPS[-1]`` times that, a program's warps share the
-  rows of 32 positions (one a lane), and the class reductions (the max, then the sum and z_t)
-  cross warps through shared memory. Only the tail block is padded: to a power of two of
-  groups, at least one a warp.
+  reduction crosses threads); up to ``ROW_WARPS[-1]`` times that (``SPREAD_MAX_GROUPS`` with
+  strided positions), a program's warps share the rows of 32 positions (one a lane), and the
+  class reductions (the max, then the sum, z_t and the label-smoothing sums) cross warps
+  through shared memory; there the tail holds at least one group a warp.
 - more classes: chunks of CHUNK_GROUPS groups, one position a thread; a first sweep keeps the
   running max and sum (online softmax), a second sweep regenerates the noise and writes the
   gradient.
@@ -572,22 +573,28 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   a thread holds at most 6 groups of four classes of a position in registers (24 classes; the
 #   8 x 19 x 512 x 1024 case 61.1 at 112 registers); 4 + 4 groups (C = 28) spills 32-64 B.
 #   Above 24 classes a program's W warps share the rows of 32 positions (one a lane), W the
-#   fewest of 2, 4, 8, 16 that leave a thread at most 6 groups, against two sweeps over chunks:
+#   fewest of 2, 4, 8, 16 that leave a thread at most 6 groups; against this kernel's two sweeps:
 #     C =  25 W = 2   89.0   two sweeps 121.1      C = 150 W = 8   69.6   two sweeps 91.9
 #     C =  40 W = 2   64.9              95.5       C = 171 W = 8   72.3              93.2
 #     C =  65 W = 4   80.0             101.8       C = 256 W = 16  63.9              90.4
 #     C = 100 W = 8   90.3              94.9       C = 384 W = 16  66.3
-#   (the class reductions cross the warps through shared memory, 2-3 sync instructions per element;
-#   more warps cost more of them, fewer leave a thread more classes than its registers hold; the
-#   tail block's padding costs C = 25 and 100 most). Strided positions (channels_last, rows):
-#   Triton 3.6 lays such tiles out classes first and converts them (44 layout conversions at
-#   C = 150), taking up to 171 registers; with a cap of 128 and at most 5 groups a thread, no
-#   configuration spills under 3.6 or 3.9. Above 16 x 24 = 384 classes (320 strided): two sweeps
-#   over chunks of 2 groups, one position a thread (65536 x 1000 rows 89.7; chunks of 4 spill at
-#   C = 24-28 and take 168 registers at C = 150).
-# ptxas is capped at 112 / 128 registers where it otherwise takes more than it needs (145 at
-# C = 150 in two sweeps, the same count at 124); NCHW rows over warps take <= 128 uncapped (a cap
-# of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
+#   The class reductions cross the warps through shared memory (1.8-3.8 sync instructions per
+#   element); the tail block's padding costs C = 25 and 100 most. The limit of 6 groups is a
+#   margin, not a wall: at C = 100, W = 4 (8 groups a thread) counts 81.0 in 128 registers
+#   without spilling here, but the card's Triton, other options and other sizes may spill; the
+#   sweep (benchmarks/sweep.py) has it as a candidate. Strided positions (channels_last, rows):
+#   Triton 3.6 lays such tiles out classes first and converts them to the default layout (its
+#   TTGIR at C = 150: 44 layout conversions, against 20 under 3.9), and ptxas takes up to 171
+#   registers; with a cap of 128 and at most 5 groups a thread, no configuration spills (the
+#   static report's --all-configs, default options) under 3.6 or 3.9. With class and position
+#   weights and label smoothing, C = 161 NCHW fp32 spills 8 B uncapped. Above 16 x 24 = 384
+#   classes (320 strided): two sweeps over chunks of CHUNK_GROUPS groups, one position a thread
+#   (65536 x 1000 rows, chunks of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the last spilling 312 B).
+# Register caps: 128 for the two sweeps (uncapped, ptxas takes 48 at C = 1000 and issues 92.5);
+# 112 for a row in one thread (at 19 classes it takes 80 uncapped, with fewer instructions, but
+# the cap bounds the registers whatever ptxas the card has: the GPU sweep decides); none for NCHW
+# rows over warps, which take <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and
+# 161-192). 128 registers a thread keep 16 warps per SM.
 ONE_THREAD_MAX_GROUPS = 6
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
@@ -612,8 +619,9 @@ def _cdiv(a: int, b: int) -> int:
 
 def class_blocks(groups: int, warps: int) -> tuple[int, int]:
     """(main, tail) groups of a row held in registers: the largest power of two <= groups, and the
-    rest padded up to a power of two (0 when there is none); over ``warps`` warps, neither fewer than one
-    group a warp (a smaller tile would be replicated across warps)."""
+    rest padded up to a power of two (0 when there is none) and to at least ``warps`` groups, one a
+    warp (a smaller tile would be replicated across the warps). The main block is at least that
+    wherever ``kernel_config`` spreads a row over warps."""
     main = 1 << (groups.bit_length() - 1)
     rest = groups - main
     return main, max(1 << (rest - 1).bit_length(), warps) if rest else 0
@@ -717,7 +725,8 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     ``grad_ptr`` are in ``args``."""
     s = view.strides
     if config is None:
-        config = kernel_config(problem.num_classes, positions_contiguous=s["stride_xs"] == 1)
+        contiguous = s["stride_xs"] == 1 and (view.grad is None or s["stride_gs"] == 1)
+        config = kernel_config(problem.num_classes, positions_contiguous=contiguous)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
