@@ -70,7 +70,8 @@ class Case:
 
     @property
     def positions_contiguous(self) -> bool:
-        return self.layout == "nchw"
+        """As the launcher finds it for this shape and layout (``kernel_config``'s second argument)."""
+        return tk.Addressed.of(meta_problem(self)[0], compute_grad=True).positions_contiguous
 
 
 CASES = {
@@ -238,20 +239,22 @@ def config_rows(max_classes: int = 8192) -> list[dict]:
     C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
     NCHW, channels_last and rows (Triton 3.6 lays the last two out otherwise); the default options
     (no weights, no label smoothing, the mean)."""
+
+    def case(layout: str, num_classes: int, dtype: torch.dtype) -> Case:
+        return Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
+
     chosen = {}  # the first C of each kernel (configuration, partial chunk, full main block), per layout
     for layout in ("nchw", "channels_last", "rows"):
         for num_classes in range(1, max_classes + 1):
-            config = tk.kernel_config(num_classes, positions_contiguous=layout == "nchw")
+            config = tk.kernel_config(num_classes, case(layout, num_classes, torch.float32).positions_contiguous)
             partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
             main_full = 4 * config.main_groups <= num_classes
             chosen.setdefault((layout, config, partial, main_full), num_classes)
     rows = []
     for (layout, config, partial, _), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
         for dtype in (torch.float32, torch.bfloat16):
-            case = Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
-            problem, scalar = meta_problem(case)
+            problem, scalar = meta_problem(case(layout, num_classes, dtype))
             launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
-            assert launch.num_warps == config.num_warps and launch.maxnreg == config.maxnreg
             compiled = compile_launch(launch)
             resources = sass.resource_usage(compiled.cubin)[compiled.name]
             rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,

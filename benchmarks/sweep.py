@@ -220,11 +220,8 @@ def measured_rows(cases: list[static_report.Case], device: torch.device, budget_
 
     for sweep in ("baseline", "variants"):
         for case in cases:
-            todo = (
-                [tk.kernel_config(case.num_classes, case.positions_contiguous), None]
-                if sweep == "baseline"
-                else candidates(case.num_classes, case.positions_contiguous)[1:]
-            )
+            chosen, *variants = candidates(case.num_classes, case.positions_contiguous)
+            todo = [chosen, None] if sweep == "baseline" else variants
             # the case's inputs and reference gradient (a compile) only while there is budget for a row
             problem = grad_output = expected = None
             if not over_budget():

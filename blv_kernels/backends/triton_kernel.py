@@ -685,6 +685,11 @@ class Addressed:
     strides: dict[str, int]  # stride_x{n,c,s}, stride_t{n,s}, stride_w{n,s}, stride_g{n,c,s}
     index_64: bool  # an element offset reaches 2**31
 
+    @property
+    def positions_contiguous(self) -> bool:
+        """Stride 1 between positions, in the logits and the gradient (``kernel_config``'s layout)."""
+        return self.strides["stride_xs"] == 1 and (self.grad is None or self.strides["stride_gs"] == 1)
+
     @classmethod
     def of(cls, problem: BLVProblem, *, compute_grad: bool) -> Addressed:
         t = ncs_tensors(problem, compute_grad=compute_grad)
@@ -726,8 +731,7 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     ``grad_ptr`` are in ``args``."""
     s = view.strides
     if config is None:
-        contiguous = s["stride_xs"] == 1 and (view.grad is None or s["stride_gs"] == 1)
-        config = kernel_config(problem.num_classes, positions_contiguous=contiguous)
+        config = kernel_config(problem.num_classes, view.positions_contiguous)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
