@@ -47,11 +47,12 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_constant(name: str, tensor: torch.Tensor) -> None:
-    """Weights are constants of the loss on every backend (as F.cross_entropy's weight): no gradient flows to them."""
+    """Weights and avg_factor are constants of the loss on every backend (as F.cross_entropy's weight):
+    no gradient flows to them."""
     if tensor.requires_grad:
         raise ValueError(
-            f"{name} requires grad, but BLV treats weights as constants on every backend (no gradient flows to "
-            f"them, as with F.cross_entropy's weight): pass {name}.detach()"
+            f"{name} requires grad, but BLV treats it as a constant on every backend (no gradient flows to it, as "
+            f"to F.cross_entropy's weight): pass {name}.detach()"
         )
 
 
@@ -90,11 +91,14 @@ def check_avg_factor(avg_factor, reduction: str) -> None:
         raise ValueError(
             f"avg_factor divides the sum of a 'mean' reduction; it cannot be used with reduction={reduction!r}"
         )
-    if isinstance(avg_factor, torch.Tensor):
+    if isinstance(avg_factor, torch.Tensor):  # data: its value is used as it is (reading it would sync)
         if avg_factor.numel() != 1 or avg_factor.dtype == torch.bool or avg_factor.dtype.is_complex:
             raise TypeError(f"avg_factor must be a number or a one-element tensor, got shape {tuple(avg_factor.shape)}")
+        check_constant("avg_factor", avg_factor)
     elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
+    elif not (math.isfinite(avg_factor) and avg_factor > 0):
+        raise ValueError(f"avg_factor must be a finite number > 0 (the divisor of the sum), got {avg_factor!r}")
 
 
 def check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor) -> None:

@@ -34,6 +34,11 @@ def _args(**changes):
         (dict(reduction="sum", avg_factor=3.0), ValueError, "avg_factor divides"),
         (dict(avg_factor="3"), TypeError, "avg_factor must be a number"),
         (dict(avg_factor=torch.ones(2)), TypeError, "one-element tensor"),
+        (dict(avg_factor=torch.ones((), requires_grad=True)), ValueError, "avg_factor requires grad"),
+        (dict(avg_factor=0), ValueError, r"avg_factor must be a finite number > 0"),
+        (dict(avg_factor=-1.0), ValueError, r"avg_factor must be a finite number > 0"),
+        (dict(avg_factor=float("nan")), ValueError, r"avg_factor must be a finite number > 0"),
+        (dict(avg_factor=np.float64("inf")), ValueError, r"avg_factor must be a finite number > 0"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
