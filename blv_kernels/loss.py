@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from . import noise, ops, reference
-from ._validation import check_logits_target, check_loss_arguments, check_options
+from ._validation import (
+    check_class_vector,
+    check_logits_target,
+    check_loss_arguments,
+    check_options,
+    check_target_values,
+)
 from .backends import get_backend, resolve_backend
 from .problem import BLVProblem
 from .weights import class_weights
@@ -252,11 +258,18 @@ class BLVLoss(nn.Module):
         options = dict(ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
                        position_weight=position_weight, avg_factor=avg_factor)  # fmt: skip
         if not self.training:
-            return plain_cross_entropy(logits, target, self.weight, **options)
+            return self._plain_loss(logits, target, **options)
         return blv_cross_entropy_from_weights(
             logits, target, self.variation_weight, self.weight, variation_params=self.variation_params, seed=seed,
             mode=self.mode, backend=self.backend, **options,
         )  # fmt: skip
+
+    def _plain_loss(self, logits: torch.Tensor, target: torch.Tensor, **options) -> torch.Tensor:
+        """The loss of ``eval()``: plain cross-entropy, of logits with the module's number of classes
+        (as training checks it, through the variation weights)."""
+        check_logits_target(logits, target)
+        check_class_vector("variation weight", self.variation_weight, logits)
+        return plain_cross_entropy(logits, target, self.weight, **options)
 
     @property
     def variation_params(self) -> torch.Tensor:
@@ -286,6 +299,7 @@ def plain_cross_entropy(
     and reductions as :func:`blv_cross_entropy` (``position_weight``, ``avg_factor``)."""
     check_loss_arguments(logits, target, None, weight, position_weight, reduction, avg_factor)
     check_options(ignore_index=ignore_index, label_smoothing=label_smoothing)
+    check_target_values(target, logits.shape[1], ignore_index)  # the message of training, not an IndexError
     return reference.weighted_cross_entropy(
         logits, target.long(), None if weight is None else weight.to(logits.dtype), ignore_index=int(ignore_index),
         reduction=reduction, label_smoothing=float(label_smoothing), position_weight=position_weight,

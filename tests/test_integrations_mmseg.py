@@ -135,6 +135,13 @@ def test_eval_is_plain_cross_entropy_and_gradient_flows(rng):
     torch.testing.assert_close(loss_fn(logits.detach(), label), ref)
 
 
+def test_eval_checks_the_class_count_as_training_does(rng):
+    logits, label, counts = _batch(rng)
+    loss_fn = MMSegBLVLoss(counts[:-1]).eval()
+    with pytest.raises(ValueError, match=r"variation weight must have shape"):
+        loss_fn(logits, label)
+
+
 def test_options_names_and_counts_from_json(rng, tmp_path):
     logits, label, counts = _batch(rng)
     path = tmp_path / "counts.json"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._validation import REDUCTIONS, check_reduction, real
-from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
+from ..loss import BLVLoss, blv_cross_entropy_from_weights
 from .dataset_counts import load_counts
 
 __all__ = ["MMSegBLVLoss"]
@@ -132,7 +132,7 @@ class MMSegBLVLoss(BLVLoss):
                 mode=self.mode, backend=self.backend, **options,
             )  # fmt: skip
         else:
-            loss = plain_cross_entropy(cls_score, label, self.weight, **options)
+            loss = self._plain_loss(cls_score, label, **options)
         return self.loss_weight * loss
 
     def _default_avg_factor(self, label: torch.Tensor, ignore_index: int):
