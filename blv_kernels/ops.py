@@ -25,12 +25,14 @@ with respect to them (``_validation.check_constant_weights``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from ._layout import empty_gradient
-from .backends import get_backend
-from .problem import BLVProblem
+from .backends import BACKENDS, get_backend
+from .problem import BLVProblem, check_problem
 
 __all__ = ["fused_blv_cross_entropy", "fused_loss"]
 
@@ -59,6 +61,7 @@ def fused_blv_cross_entropy(
         position_weight=position_weight, seed=seed, variation_params=variation_params, avg_factor=avg_factor,
         offset=offset, ignore_index=ignore_index, reduction=reduction, mode=mode, label_smoothing=label_smoothing,
     )  # fmt: skip
+    _check_call(problem, backend)
     return get_backend(backend).implementation().forward(problem, compute_grad=compute_grad)
 
 
@@ -69,9 +72,25 @@ def _named(inputs) -> dict:
     return dict(zip(_ARGUMENTS, inputs, strict=True))
 
 
+def _check_call(problem: BLVProblem, backend: str) -> None:
+    """The op is public (``torch.ops.blv_kernels.fused_blv_cross_entropy``): a direct call gets the
+    checks of ``blv_cross_entropy_from_weights``, so that no kernel reads out of bounds. Metadata
+    only (a few microseconds; eager training calls ``_EagerFusedLoss``, which skips the op)."""
+    chosen = get_backend(backend)
+    if not chosen.fused:
+        raise ValueError(
+            f"backend={backend!r} is not a fused backend: the op runs {[b for b in BACKENDS if BACKENDS[b].fused]}"
+        )
+    error = chosen.why_not(problem.logits.device.type, problem.logits.dtype)  # the schema makes logits a tensor
+    if error is not None:
+        raise error
+    check_problem(problem)
+
+
 @fused_blv_cross_entropy.register_fake
 def _(*inputs):
     a = _named(inputs)
+    _check_call(BLVProblem(**{f.name: a[f.name] for f in dataclasses.fields(BLVProblem)}), a["backend"])
     logits = a["logits"]
     loss = logits.new_empty(a["target"].shape if a["reduction"] == "none" else ())
     return loss, empty_gradient(logits) if a["compute_grad"] else logits.new_empty(0)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import invalid_target_mask, raise_or_assert_no_bad_labels
+from . import noise
+from ._validation import check_loss_arguments, check_options, invalid_target_mask, raise_or_assert_no_bad_labels
 
-__all__ = ["BLVProblem", "check_labels", "mean_divisor", "reduced_loss"]
+__all__ = ["BLVProblem", "check_problem", "check_labels", "mean_divisor", "reduced_loss"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,33 @@ class BLVProblem:
     def positions(self) -> int:
         """N*S: the label count."""
         return self.target.numel()
+
+
+def check_problem(problem: BLVProblem) -> None:
+    """Raise unless ``problem`` is what ``blv_cross_entropy_from_weights`` builds: the checks of a
+    call, and the forms the kernels read (float32 class vectors, contiguous; a 0-dim int64 seed and
+    a 0-dim float32 avg_factor on the logits' device). For the op's direct callers (``ops.py``);
+    metadata only, so it holds on fake tensors too."""
+    p = problem
+    check_loss_arguments(p.logits, p.target, p.variation_weight, p.class_weight, p.position_weight, p.reduction,
+                         p.avg_factor)  # fmt: skip
+    check_options(ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, mode=p.mode)
+    noise.check_offset(p.offset, p.positions)
+    noise.check_variation_params_tensor(p.variation_params, p.logits.device)
+    for name, vec in (("variation weight", p.variation_weight), ("weight", p.class_weight)):
+        if vec is not None and (vec.dtype != torch.float32 or not vec.is_contiguous()):
+            raise TypeError(f"{name} must be a contiguous float32 tensor, got {vec.dtype}")
+    if p.position_weight is not None and p.position_weight.dtype != torch.float32:
+        raise TypeError(f"position_weight must be a float32 tensor, got {p.position_weight.dtype}")
+    scalars = {"seed": (p.seed, torch.int64), "avg_factor": (p.avg_factor, torch.float32)}
+    for name, (scalar, dtype) in scalars.items():
+        if scalar is None and name == "avg_factor":
+            continue
+        if not isinstance(scalar, torch.Tensor) or scalar.shape != () or scalar.dtype != dtype:
+            got = f"shape {tuple(scalar.shape)} {scalar.dtype}" if isinstance(scalar, torch.Tensor) else scalar
+            raise TypeError(f"{name} must be a 0-dim {dtype} tensor, got {got!s}")
+        if scalar.device != p.logits.device:
+            raise ValueError(f"{name} is on {scalar.device} but logits are on {p.logits.device}")
 
 
 def check_labels(problem: BLVProblem, bad_counts: torch.Tensor) -> None:

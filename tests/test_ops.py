@@ -41,6 +41,46 @@ def test_opcheck(fused, reduction, weights, rng):
     torch.library.opcheck(ops.fused_blv_cross_entropy, _op_args(rng, fused, reduction, weights=weights))
 
 
+_ARG = {name: i for i, name in enumerate(ops._ARGUMENTS)}
+
+
+@pytest.mark.parametrize(
+    "name, value, error, match",
+    [
+        ("variation_weight", torch.ones(1), ValueError, r"variation weight must have shape \(7,\)"),
+        (
+            "variation_weight",
+            torch.ones(7, dtype=torch.float64),
+            TypeError,
+            "variation weight must be a contiguous float32",
+        ),
+        ("class_weight", torch.ones(14)[::2], TypeError, "weight must be a contiguous float32"),
+        ("target", torch.zeros(1, dtype=torch.long), ValueError, "target shape"),
+        ("position_weight", torch.ones(2), ValueError, "position_weight shape"),
+        ("seed", torch.ones(2, dtype=torch.long), TypeError, "seed must be a 0-dim torch.int64 tensor"),
+        ("seed", torch.ones(()), TypeError, "seed must be a 0-dim torch.int64 tensor"),
+        ("variation_params", torch.ones(3), TypeError, "variation_params must be the float32 tensor"),
+        ("avg_factor", torch.ones((), dtype=torch.float64), TypeError, "avg_factor must be a 0-dim torch.float32"),
+        ("offset", -5, ValueError, "offset must be in"),
+        ("reduction", "avg", ValueError, "reduction must be one of"),
+        ("mode", "xx", ValueError, "mode must be one of"),
+        ("label_smoothing", 5.0, ValueError, "label_smoothing must be a number in"),
+        ("backend", "reference", ValueError, "'reference' is not a fused backend"),
+        ("logits", torch.randn(2, 7, 3, 5, dtype=torch.float64), TypeError, "float64: use backend='reference'"),
+    ],
+    ids=lambda x: x if isinstance(x, str) and " " not in x else None,
+)
+def test_direct_calls_of_the_op_are_checked(fused, name, value, error, match, rng):
+    """The op is public: a bad argument is named before any kernel reads out of bounds, in eager
+    calls and while tracing (the fake implementation checks the same)."""
+    args = list(_op_args(rng, fused, "mean", weights=True))
+    args[_ARG[name]] = value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+    with pytest.raises(error, match=match):
+        ops.fused_blv_cross_entropy(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(error, match=match):
+        ops.fused_blv_cross_entropy(*args)
+
+
 def test_no_gradient_is_written_without_autograd(fused, rng):
     args = _op_args(rng, fused, "mean", compute_grad=False)
     loss, grad = ops.fused_blv_cross_entropy(*args)
