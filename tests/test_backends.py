@@ -5,7 +5,18 @@ import math
 
 import pytest
 import torch
-from grid import CASES, DEVICE, HAS_CUDA, case_loss, check_matches_reference, make_inputs
+from grid import (
+    CASES,
+    DEVICE,
+    HAS_CUDA,
+    Case,
+    Inputs,
+    assert_as_close_as_reference,
+    case_loss,
+    check_matches_reference,
+    loss_and_grad,
+    make_inputs,
+)
 
 from blv_kernels import blv_cross_entropy
 from blv_kernels.backends import BACKENDS, resolve_backend
@@ -141,6 +152,30 @@ def test_confident_bf16_predictions_keep_their_gradient(fused, rng):
     # the absolute error of its argument into a relative error of p), plus the bf16 rounding.
     atol = 4 * torch.finfo(torch.float32).eps * x.float().abs().max().item()
     torch.testing.assert_close(at_target(ours), at_target(gt), rtol=2**-8, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(64, 5), (2, 5, 32), (4, 67)], ids=["rows", "NCS", "rows-C67"])
+def test_half_logits_take_the_shift_in_float32(fused, shape, dtype, rng):
+    # Logits near 256 are 2 apart in bf16 (0.25 in fp16): a shift v*w in [0, 1] rounded back to the
+    # logits' dtype before the softmax would move z by up to 1 (0.125), some 50 (20) times the
+    # tolerance. The semantics (test_reference.py): z and the softmax in float32, the results
+    # rounded once. The shapes reach the CPU kernel's narrow and wide tiles and its rows path.
+    skip_unless_runs(fused, dtype)
+    c = shape[1]
+    case = Case(shape, dtype=dtype, reduction="none")
+    target = torch.randint(0, c, shape[:1] + shape[2:], generator=rng)
+    logits = (torch.randn(shape, generator=rng) + 256).to(dtype)
+    counts = torch.randint(1, 10**4, (c,), generator=rng)  # variation weights over [0, 1]
+    inputs = Inputs(logits.to(DEVICE), target.to(DEVICE), counts, None, None, -100)
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    grad_out = torch.ones(target.shape, device=DEVICE)
+    truncates = fused == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16  # as in grid.check_matches_reference
+    assert_as_close_as_reference(
+        dtype, loss_and_grad(fused, case, inputs, seed, grad_out), loss_and_grad("reference", case, inputs, seed, grad_out),
+        lambda: loss_and_grad("reference", case, inputs, seed, grad_out.double(), inputs.logits.double()),
+        ulps=1.0 if truncates else 0.5,
+    )  # fmt: skip
 
 
 def test_nan_and_inf_propagate_like_pytorch(fused):
