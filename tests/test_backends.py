@@ -79,29 +79,45 @@ def _loss_grad(backend, x, target, counts, *, grad_out=None, **kwargs):
     return loss, grad
 
 
-@pytest.mark.parametrize("shift", [1e4, 1e6, 1e30])
+@pytest.mark.parametrize("shift", [2.0**13, -(2.0**13)], ids=["plus", "minus"])
 @pytest.mark.parametrize("sigma", [0.0, 6.0])
-def test_a_constant_added_to_the_logits_changes_nothing(fused, shift, sigma, rng):
-    # F.cross_entropy is shift invariant, so must the kernels be: the logsumexp is kept as
-    # (max, log d) and never formed absolutely (lse - z_t loses the loss to rounding at large
-    # logits). Both sides see the same rounded logits x + shift. At sigma = 0 the reference is
-    # F.cross_entropy itself, to its own tolerance. At sigma = 6 a backend may form z = x + v*w
-    # with one rounding (an FMA) where the reference rounds v*w first: z then differs by up to an
-    # ulp of the logits, which bounds the loss and gradient differences (2 ulps: z_t and lse).
-    x = (torch.randn(6, 19, 4, generator=rng) + shift).to(DEVICE)
-    target = torch.randint(0, 19, (6, 4), generator=rng).to(DEVICE)
-    counts = list(range(1, 20))
-    ours = _loss_grad(fused, x, target, counts, sigma=sigma, seed=3, reduction="none")
-    ref = _loss_grad("reference", x, target, counts, sigma=sigma, seed=3, reduction="none")
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_a_constant_added_to_the_logits_changes_nothing(backend, shift, sigma, rng):
+    # F.cross_entropy is shift invariant, so must every backend be: exp(z - m) formed from z - m
+    # (not z log2(e) - m log2(e), which loses an ulp of |z| log2(e); nor exp(z) without m), the
+    # logsumexp kept as (m, log d). The logits are multiples of 2**-10 below 32 in magnitude, so
+    # x + shift is exact in float32 (its ulp at 2**13 is 2**-10): f(x + shift) against f(x), same seed.
+    if backend != "reference":
+        skip_unless_runs(backend)
+    x = ((torch.randn(6, 19, 4, generator=rng) * 4).clamp(-31, 31) * 2**10).round() / 2**10
+    target = torch.randint(0, 19, (6, 4), generator=rng)
+    x, target, counts = x.to(DEVICE), target.to(DEVICE), list(range(1, 20))
+    assert torch.equal(x + shift - shift, x)
+    base = _loss_grad(backend, x, target, counts, sigma=sigma, seed=3, reduction="none")
+    shifted = _loss_grad(backend, x + shift, target, counts, sigma=sigma, seed=3, reduction="none")
     if sigma == 0:
-        torch.testing.assert_close(ref[0], torch.nn.functional.cross_entropy(x, target, reduction="none"))
-        tolerance = 1e-5
+        # z - m is exact on both sides (Sterbenz with the shift; without it a difference of multiples of 2**-10
+        # below 64): the same exponents, only float32 rounding of the rest (a few ulps) apart
+        tolerance = dict(rtol=1e-6, atol=1e-6)
     else:
-        tolerance = 2 * torch.finfo(torch.float32).eps * x.abs().max().item() + 1e-5
-    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=tolerance)
-    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=tolerance)
-    if shift == 1e30:  # every z rounds to 1e30: a uniform softmax, loss log(C), as F.cross_entropy gives
-        torch.testing.assert_close(ours[0], torch.full_like(ours[0], math.log(19)))
+        # z = x + shift + v*w rounds to half an ulp of 2**13, 2**-11 (without the shift 2**-19 at
+        # |z| < 64): lse - z_t moves by at most twice that, p_c by p_c (exp(2 dz) - 1) <= 2.01 dz
+        dz = 2**-11 + 2**-19
+        tolerance = dict(rtol=1e-5, atol=2.01 * dz + 1e-5)  # + float32 evaluation, as the grid
+    torch.testing.assert_close(shifted[0], base[0], **tolerance)
+    torch.testing.assert_close(shifted[1], base[1], **tolerance)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 6.0])
+def test_logits_that_round_to_one_value_give_a_uniform_softmax(fused, sigma, rng):
+    # x + 1e30 rounds every logit, and z = x + v*w, to 1e30 (float32 spacing there ~ 7e22): softmax
+    # 1/C, loss log(C), as F.cross_entropy gives; exp never sees 1e30 itself
+    x = (torch.randn(6, 19, 4, generator=rng) + 1e30).to(DEVICE)
+    target = torch.randint(0, 19, (6, 4), generator=rng).to(DEVICE)
+    loss, grad = _loss_grad(fused, x, target, list(range(1, 20)), sigma=sigma, seed=3, reduction="none")
+    torch.testing.assert_close(loss, torch.full_like(loss, math.log(19)))
+    expected = torch.full_like(grad, 1 / 19) - torch.nn.functional.one_hot(target, 19).permute(0, 2, 1)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_layout_does_not_change_the_result(fused, rng):
