@@ -51,10 +51,13 @@ def test_loss_without_grad_matches_reference(backend, case, rng, poisoned):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_picks_a_fused_backend_or_the_reference():
+def test_auto_picks_triton_on_cuda_and_the_cpu_kernel_on_the_cpu():
+    # on the CPU not Triton, even where its interpreter runs (test_csrc.py: every half dtype, and
+    # the reference when the kernel cannot be built)
+    expected = "triton" if HAS_CUDA else "cpu"
+    skip_unless_runs(expected)
     x = torch.randn(2, 3, device=DEVICE)
-    chosen = resolve_backend("auto", x)
-    assert chosen.name in ("triton", "cuda", "cpu", "reference")
+    assert resolve_backend("auto", x).name == expected
     assert resolve_backend("auto", x.double()).name == "reference"
 
 
