@@ -19,6 +19,55 @@ def test_philox_known_answer():
     assert [int(w) for w in words] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
 
 
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) from its published constants, in Python ints: written
+    apart from noise.py, to check variation() against the spec rather than against itself."""
+    (c0, c1, c2, c3), (k0, k1) = counter, key
+    for _ in range(10):
+        a, b = 0xD2511F53 * c0, 0xCD9E8D57 * c2  # 64-bit products
+        c0, c1, c2, c3 = (b >> 32) ^ c1 ^ k0, b & 0xFFFFFFFF, (a >> 32) ^ c3 ^ k1, a & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def test_independent_philox_known_answers():
+    # Random123's kat_vectors for philox4x32 10: counter (4 words), key (2 words) -> 4 words
+    kat = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]  # fmt: skip
+    for counter, key, expected in kat:
+        assert _philox4x32_10(counter, key) == expected
+
+
+@pytest.mark.parametrize("sigma, mode", [(6.0, "abs"), (0.5, "clamp")])  # the polynomial and Giles' erfinv
+def test_variation_known_answer(sigma, mode):
+    # BLV_SPEC section 4, element (n, c, s): word c % 4 of Philox4x32-10 with key (lo32, hi32) of the
+    # seed and counter (lo32(q), hi32(q), c // 4, 0), q = offset + n*S + s; then the transform of
+    # noise.py's docstring, here in float64 with scipy's erfinv. A seed with its top bit set, positions
+    # across 2**32 (hi32(q) = 0 and 1), 6 classes (two Philox calls a position).
+    seed, offset, shape = 0xFEDCBA9876543210, 2**32 - 4, (2, 6, 2, 2)
+    v = variation(shape, sigma, seed=seed, offset=offset, mode=mode)
+    n_, c_, s_ = shape[0], shape[1], 4
+    expected = torch.empty(n_, c_, s_, dtype=torch.float64)
+    scale, a = sigma * math.sqrt(2), math.erf(1 / (sigma * math.sqrt(2)))  # a: P(|eps| < 1)
+    for n in range(n_):
+        for s in range(s_):
+            q = offset + n * s_ + s
+            for c in range(c_):
+                word = _philox4x32_10((q & 0xFFFFFFFF, q >> 32, c // 4, 0), (seed & 0xFFFFFFFF, seed >> 32))[c % 4]
+                u = (word >> 8) * 2.0**-24  # uniform on [0, 1)
+                t = u if mode == "abs" else max(2 * u - 1, 0.0)  # clamp: eps <= 0 gives t = 0, v = 0
+                expected[n, c, s] = 1.0 if t >= a else min(scale * special.erfinv(t), 1.0)
+    # v is continuous at the threshold a (scale * erfinv(a) = 1), so its float32 rounding decides
+    # nothing; erfinv in float32 is within a few ulps (test_erfinv_approximations_within_float32_rounding)
+    torch.testing.assert_close(v.reshape(n_, c_, s_).double(), expected, rtol=16 * 2**-24, atol=2**-24)
+    # the pinned values reach the atom v = 1, values below it and, in clamp mode only, v = 0
+    assert 0 < (expected == 1).sum() < expected.numel() and (mode == "abs") == bool((expected > 0).all())
+
+
 def test_philox_matches_triton_bit_for_bit(rng):
     triton = pytest.importorskip("triton")
     import triton.language as tl

@@ -37,12 +37,19 @@ def test_zero_count_rejected_unless_smoothing():
     assert torch.isfinite(w).all() and w[1] == 1.0
 
 
-@pytest.mark.parametrize("counts", [[42], [7, 7, 7, 7]], ids=["one-class", "uniform"])
-def test_degenerate_prior_gives_no_nan(counts):
-    w = class_weights(counts)
-    assert not torch.isnan(w).any()
-    if len(counts) == 1:
-        assert torch.equal(w, torch.zeros(1))
+def test_smoothing_is_added_to_every_count():
+    # [100, 3, 50] + 2 = [102, 5, 52], sum 159: f_c = log(159 / n_c), the rarest (5) gets 1. A
+    # smoothing that only raised counts below it (clamp) would leave [100, 3, 50]: 0.108, 1, 0.284.
+    w = class_weights([100, 3, 50], smoothing=2.0)
+    f = [math.log(159 / n) for n in (102, 5, 52)]
+    torch.testing.assert_close(w, torch.tensor([f[0] / f[1], 1.0, f[2] / f[1]]))
+
+
+@pytest.mark.parametrize("counts, expected", [([42], [0.0]), ([7, 7, 7, 7], [1.0] * 4)], ids=["one-class", "uniform"])
+def test_degenerate_priors(counts, expected):
+    # One class: f = 0, so w = 0 (no variation), never 0 / 0. Uniform: every f_c = log C > 0 is the
+    # maximum, every class the rarest: w = 1 exactly.
+    assert torch.equal(class_weights(counts), torch.tensor(expected))
 
 
 @pytest.mark.parametrize(
