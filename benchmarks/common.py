@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +64,29 @@ def at_least(minimum: int):
         return value
 
     return parse
+
+
+def out_dir_problem(path: Path) -> str | None:
+    """None when results can be written to the directory ``path``, else why not (for ``--out``).
+
+    Tried, not guessed from permissions (a read-only file system, ``/proc``, root): the directories
+    it lacks are made and a temporary file written, then all is removed again, so that the
+    benchmarks can ask before any work and a run refused later leaves nothing behind.
+    """
+    if path.exists() and not path.is_dir():
+        return f"--out {path}: exists and is not a directory"
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        return f"--out {path}: not a writable directory ({error.strerror or error})"
+    finally:
+        for directory in missing:
+            with contextlib.suppress(OSError):  # not made: mkdir failed above it
+                directory.rmdir()
+    return None
 
 
 def log(line: str) -> None:

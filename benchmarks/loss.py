@@ -42,6 +42,7 @@ from .common import (
     environment,
     host_loop,
     log,
+    out_dir_problem,
     peak_extra_memory,
     resolve_device,
     stamp_line,
@@ -300,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             if unknown:
                 parser.error(f"--{option}: unknown {unknown}; known: {', '.join(known)}")
             setattr(args, option, chosen)
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

@@ -44,6 +44,7 @@ from .common import (
     copy_bandwidth,
     environment,
     log,
+    out_dir_problem,
     quantiles,
     stamp_line,
     write_json,
@@ -290,6 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--static: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     if not args.static and not torch.cuda.is_available():
         parser.error("the measured sweep needs a CUDA device (on any machine: --static)")
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

@@ -36,6 +36,7 @@ from .common import (
     cpu_bf16_problem,
     environment,
     log,
+    out_dir_problem,
     quantiles,
     resolve_device,
     stamp_line,
@@ -254,6 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = sorted(set(args.precisions) - set(PRECISIONS))
         if unknown:
             parser.error(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

@@ -229,6 +229,42 @@ def test_training_falls_back_without_torchvision(monkeypatch):
     assert training.resolve_model("auto") == "encdec"
 
 
+@pytest.mark.parametrize("module, argv", [(training, TRAINING_ARGS), (loss, LOSS_ARGS)])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("results.txt", "exists and is not a directory"),
+        ("results.txt/run", "not a writable directory (Not a directory)"),
+    ],
+)
+def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp_path, capsys, monkeypatch):
+    def work(*args):
+        raise AssertionError("the benchmark started with an --out it cannot write to")
+
+    monkeypatch.setattr(module, "resolve_device", work)  # the first step of a run, right after the arguments
+    (tmp_path / "results.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*argv, "--out", str(tmp_path / out)])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}"
+    )
+    assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+def test_out_dir_problem_tries_and_leaves_nothing_behind(tmp_path):
+    assert common.out_dir_problem(tmp_path / "a" / "b") is None
+    assert not (tmp_path / "a").exists()  # made to try it, removed again
+    (tmp_path / "kept").mkdir()
+    assert common.out_dir_problem(tmp_path / "kept") is None
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    if Path("/proc/self").is_dir():  # no permission bit says so, and root may write anywhere else
+        assert common.out_dir_problem(Path("/proc/nope")) == (
+            "--out /proc/nope: not a writable directory (No such file or directory)"
+        )
+
+
 def test_gpu_check_script_parses():
     script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
