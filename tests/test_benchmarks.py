@@ -287,6 +287,33 @@ def test_gpu_check_sweep_mode_runs_its_stages_and_reports_without_a_gpu(tmp_path
     assert "the measured sweep needs a CUDA device" in result.stdout and "GPU sweep: FAILED" in result.stdout
 
 
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("loss.json", "{bad", "not valid JSON (Expecting property name enclosed in double quotes"),
+        ("loss.json", '{"meta": {}}', "incomplete or not a result file (KeyError: 'providers')"),
+        ("training.json", "[]", "incomplete or not a result file (TypeError: "),
+        ("static_report.json", '{"case": 1}', "incomplete or not a result file (TypeError: "),
+    ],
+)
+def test_summary_of_a_bad_file_is_one_line_that_names_it(name, text, problem, tmp_path, capsys):
+    (tmp_path / name).write_text(text)
+    assert summary.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m benchmarks.summary: error: {tmp_path / name}: {problem}")
+
+
+def test_summary_of_a_missing_directory_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        summary.main([str(tmp_path / "nope")])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == ""
+        and err.splitlines()[-1] == f"python -m benchmarks.summary: error: {tmp_path / 'nope'}: no such directory"
+    )
+
+
 def test_static_estimate_beside_the_measured_time():
     static = [{"case": "8x19x512x1024-fp32-nchw", "shape": [8, 19, 512, 1024], "dtype": "fp32", "layout": "nchw",
                "total_per_element": 60.0, "predicted_ms": 0.30, "issue_ms": 0.30, "efficiency": 0.5},
