@@ -1,6 +1,7 @@
 """Class counts from label maps: tensors and arrays, label files (PNG, .npy), the JSON format."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -223,3 +224,43 @@ def test_save_counts_never_leaves_half_a_file(rng, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["counts.json"]  # no temporary file left beside it
     save_counts(counts, tmp_path / "other.json")
     assert load_counts(tmp_path / "other.json") == counts
+
+
+@pytest.mark.parametrize(
+    "counts, problem",
+    [([1.9, 3], "item 0 is 1.9"), ([5, -3], "item 1 is -3"), ([], "got an empty list"), ([2, True], "item 1 is True"),
+     ({"road": 3}, "got a dict")],
+)  # fmt: skip
+def test_save_counts_refuses_what_load_counts_refuses(counts, problem, tmp_path):
+    path = tmp_path / "counts.json"
+    rule = re.escape(f"non-negative integers (pixel counts per class): {problem}")
+    with pytest.raises(ValueError, match=f"^counts must be a non-empty list of {rule}$"):
+        save_counts(counts, path)
+    assert not any(tmp_path.iterdir())  # nothing written
+    path.write_text(json.dumps(counts))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} must hold a non-empty JSON list of {rule}$"):
+        load_counts(path)
+
+
+def test_save_counts_takes_integer_arrays_and_tensors(tmp_path):
+    path = tmp_path / "counts.json"
+    for counts in (np.array([3, 0, 7], dtype=np.uint32), torch.tensor([3, 0, 7]), (3, 0, np.int64(7))):
+        save_counts(counts, path)
+        assert load_counts(path) == [3, 0, 7]
+    # floats, even whole ones: a JSON 3.0 is no count to load_counts either
+    for counts, problem in ((np.array([3.0, 0.5]), "item 0 is 3.0"), (torch.tensor([3, -1]), "item 1 is -1")):
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            save_counts(counts, path)
+    assert load_counts(path) == [3, 0, 7]  # the file is as it was
+
+
+def test_counts_file_errors_name_the_file_asked_for(tmp_path):
+    missing = tmp_path / "missing" / "counts.json"
+    with pytest.raises(FileNotFoundError) as error:
+        save_counts([1, 2], missing)
+    assert error.value.filename == str(missing)  # not the temporary file beside it
+    assert not (tmp_path / "missing").exists()
+    malformed = tmp_path / "counts.json"
+    malformed.write_text("[1, 2")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(malformed))} is not valid JSON: Expecting"):
+        load_counts(malformed)

@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -361,6 +362,14 @@ def test_bad_class_weights(tmp_path):
         MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "missing.npy"))
     with pytest.raises(ValueError, match="one entry per class"):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, 2.0])
+
+
+def test_malformed_json_files_are_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    for arguments in (dict(class_counts=str(bad)), dict(class_counts=[1, 2, 3], class_weight=bad)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(bad))} is not valid JSON: Expecting property name"):
+            MMSegBLVLoss(**arguments)
 
 
 def test_numpy_scalar_arguments(rng):

@@ -11,6 +11,7 @@ so ``BLVLoss(json.load(f))`` and ``BLVLoss(load_counts(path))`` both work.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -217,28 +218,58 @@ def count_label_files(
     return CountResult(total.tolist(), len(outcomes) - len(unreadable), out_of_range, unreadable)
 
 
+def _counts_problem(counts) -> str | None:
+    """Why ``counts`` cannot be the counts file's list, or None: the one rule of :func:`save_counts`
+    and :func:`load_counts`, a non-empty list of non-negative integers (Python or numpy; not bools)."""
+    if not isinstance(counts, (list, tuple)):
+        return f"got a {type(counts).__name__}"
+    if not counts:
+        return "got an empty list"
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            return f"item {i} is {count!r}"
+    return None
+
+
 def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take).
 
+    ``counts``: a list, tuple, numpy array or tensor of non-negative integers; anything
+    :func:`load_counts` would refuse (floats, negative numbers, no counts) raises ``ValueError``.
     Written to a temporary file beside ``path`` first, then renamed: never half a file.
     """
     path = Path(path)
-    text = json.dumps([int(c) for c in counts]) + "\n"
+    values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
+    problem = _counts_problem(values)
+    if problem is not None:
+        raise ValueError(
+            f"counts must be a non-empty list of non-negative integers (pixel counts per class): {problem}"
+        )
+    text = json.dumps([int(c) for c in values]) + "\n"
     partial_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         partial_file.write_text(text)
         partial_file.replace(path)
+    except OSError as error:  # named after the file asked for, not the temporary one
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     finally:
         partial_file.unlink(missing_ok=True)  # only left when writing or renaming failed
 
 
 def load_counts(path: str | os.PathLike) -> list[int]:
     """Read counts written by :func:`save_counts` / ``blv-kernels count-classes``."""
-    counts = json.loads(Path(path).read_text())
-    if not (
-        isinstance(counts, list)
-        and counts
-        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-    ):
-        raise ValueError(f"{path} must hold a non-empty JSON list of non-negative integers (pixel counts per class)")
+    counts = read_json(path)
+    problem = _counts_problem(counts)
+    if problem is not None:
+        raise ValueError(
+            f"{path} must hold a non-empty JSON list of non-negative integers (pixel counts per class): {problem}"
+        )
     return counts
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in the file at ``path``; malformed JSON raises a ``ValueError`` that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {error}") from None

@@ -24,7 +24,6 @@ position as 1 is our choice, so that all-ones class weights equal no class weigh
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from .._validation import REDUCTIONS, check_reduction, real
 from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
-from .dataset_counts import load_counts
+from .dataset_counts import load_counts, read_json
 
 __all__ = ["MMSegBLVLoss"]
 
@@ -160,7 +159,7 @@ def load_class_weight(path: str | os.PathLike):
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        return read_json(path)
     try:
         from mmengine.fileio import load
     except ImportError:
