@@ -201,6 +201,26 @@ def test_count_label_files_reports_problems(rng, tmp_path, workers):
     assert "UnidentifiedImageError" in result.unreadable[str(tmp_path / "broken.png")]
 
 
+def test_count_label_files_takes_each_file_once(rng, tmp_path):
+    label = _labels(rng, n=1)[0].numpy()
+    for i in range(3):
+        Image.fromarray(label).save(tmp_path / f"{i}.png")
+    paths = sorted(tmp_path.iterdir())
+    # an iterator is read once: the check for Pillow must not take its first file
+    result = count_label_files(iter(paths), 6, workers=1, progress=False)
+    assert result.files_counted == 3 and result.counts == _expected([torch.from_numpy(label)] * 3, 6)
+    for twice in (
+        [tmp_path / "nope.npy", tmp_path / "nope.npy"],
+        [paths[0], *paths],
+        [paths[1], f"{tmp_path}/./1.png"],
+    ):
+        with pytest.raises(ValueError, match="paths lists 1 file.s. more than once, e.g. .*: each file counts once"):
+            count_label_files(twice, 6, workers=1, progress=False)
+    for single in (str(paths[0]), paths[0], bytes(paths[0])):
+        with pytest.raises(TypeError, match="paths must be a sequence of label files, got the single path"):
+            count_label_files(single, 6, workers=1, progress=False)
+
+
 def test_counts_json_round_trip_into_blv_loss(rng, tmp_path):
     counts = [int(c) for c in torch.randint(1, 10**9, (6,), generator=rng)]
     path = tmp_path / "counts.json"

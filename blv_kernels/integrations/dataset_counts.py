@@ -189,15 +189,24 @@ def count_label_files(
 ) -> CountResult:
     """Count label files in ``workers`` processes (default: all CPUs), with a tqdm progress bar.
 
-    ``ignore_index`` is never counted. Out-of-range values are left out of the counts and listed
-    per file; files that cannot be read are listed with their error.
+    ``paths``: the files, each once (e.g. :func:`find_label_files`); a single path, or a file
+    listed twice (it would count twice), raises. ``ignore_index`` is never counted. Out-of-range
+    values are left out of the counts and listed per file; files that cannot be read are listed
+    with their error.
     """
     num_classes = _check_num_classes(num_classes)
     ignore_index = integer_ignore_index(ignore_index)
     if workers is not None:
         workers = integer("workers", workers, minimum=1)
-    _check_readers(paths, progress=progress)
+    if isinstance(paths, (str, bytes, os.PathLike)):  # iterated, it would give one-character paths
+        raise TypeError(f"paths must be a sequence of label files, got the single path {paths!r}: pass [path]")
     paths = [str(p) for p in paths]
+    repeated = [p for p, n in Counter(os.path.abspath(p) for p in paths).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"paths lists {len(repeated)} file(s) more than once, e.g. {repeated[0]}: each file counts once"
+        )
+    _check_readers(paths, progress=progress)
     workers = min(workers or os.cpu_count() or 1, max(len(paths), 1))
     task = partial(_count_file, num_classes=num_classes, ignore_index=ignore_index)
     outcomes = []
