@@ -396,6 +396,24 @@ def test_bad_arguments(kwargs, error, match):
         MMSegBLVLoss([1, 2, 3], **kwargs)
 
 
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(avg_factor="3"), TypeError, "avg_factor must be a number or a one-element tensor, got str"),
+        (dict(avg_factor=[3.0]), TypeError, "avg_factor must be a number or a one-element tensor, got list"),
+        (dict(weight=[1.0]), TypeError, "position_weight must be a floating-point tensor with the target's shape"),
+        (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
+        (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
+    ],
+)
+@pytest.mark.parametrize("class_weight", [None, [1.0, 2.0, 0.5, 1.0, 1.0]])
+def test_bad_call_arguments_get_the_loss_messages(rng, call, error, match, class_weight):
+    logits, label, counts = _batch(rng)
+    loss_fn = MMSegBLVLoss(counts, class_weight=class_weight)
+    with pytest.raises(error, match=f"^{re.escape(match)}"):
+        loss_fn(**{"cls_score": logits, "label": label, **call})
+
+
 def test_importing_the_package_needs_no_mmseg():
     code = (
         "import sys, blv_kernels, blv_kernels.integrations, blv_kernels.__main__\n"

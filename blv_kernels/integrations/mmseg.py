@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import REDUCTIONS, check_reduction, real
+from .._validation import REDUCTIONS, check_avg_factor, check_logits_target, check_options, check_reduction, real
 from ..loss import BLVLoss, blv_cross_entropy_from_weights, plain_cross_entropy
 from .dataset_counts import load_counts, read_json
 
@@ -119,12 +119,18 @@ class MMSegBLVLoss(BLVLoss):
         reduction = reduction_override or self.reduction
         if reduction == "sum" and avg_factor is not None:
             raise ValueError('avg_factor can not be used with reduction="sum"')  # as mmseg's weight_reduce_loss
+        # what is read below before the loss checks its arguments, checked as the loss would
+        check_logits_target(cls_score, label)
+        check_options(ignore_index=ignore_index, label_smoothing=self.label_smoothing)
         if reduction == "mean":
+            check_avg_factor(avg_factor, reduction)
             avg_factor = (self._default_avg_factor(label, ignore_index) if avg_factor is None else avg_factor) + EPS
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
+        if isinstance(weight, torch.Tensor):
+            weight = weight.float()  # anything else is refused by the loss
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
-                       position_weight=None if weight is None else weight.float(), avg_factor=avg_factor)  # fmt: skip
+                       position_weight=weight, avg_factor=avg_factor)  # fmt: skip
         if self.training:
             loss = blv_cross_entropy_from_weights(
                 cls_score, label, self.variation_weight, self.weight, variation_params=self.variation_params,
