@@ -46,8 +46,11 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {name}: the benchmarks run on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -861,8 +861,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("the paired t-test needs scipy: pip install scipy") from None
     try:
         device = resolve_device(args.device)
-    except (RuntimeError, SystemExit) as error:
-        raise UsageError(f"--device {args.device}: {error}") from None
+    except SystemExit as error:  # its message names --device
+        raise UsageError(str(error)) from None
     torch.set_num_threads(args.threads)
     specs = list(dict.fromkeys(args.task or BUILTIN_TASKS))
     tasks = {spec: resolve_task(spec, args) for spec in specs}

@@ -3,6 +3,7 @@ everything it claims, every provider included (skipped ones with a reason, never
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,6 +252,18 @@ def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp
         == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}"
     )
     assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "name, available, count, problem",
+    [("cuda:3", False, 0, "no CUDA device is available"), ("cuda:3", True, 2, "there are 2 CUDA device(s)"),
+     ("meta", False, 0, "the benchmarks run on cpu or cuda")],
+)  # fmt: skip
+def test_device_errors_name_the_device_asked_for(name, available, count, problem, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit, match=rf"^--device {name}: {re.escape(problem)}$"):
+        common.resolve_device(name)
 
 
 def test_out_dir_problem_tries_and_leaves_nothing_behind(tmp_path):

@@ -380,6 +380,7 @@ def make_task_with_a_bad_label(seed):
         (["--methods", "ce,focal"], "unknown method 'focal'"),
         (["--methods", "blv-abs"], "unknown method 'blv-abs'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--device", "meta"], "error: --device meta: the benchmarks run on cpu or cuda"),
         (["--task", "cifar"], "--task 'cifar': give digits or segmentation, or module:function"),
         (["--task", "no_such_module_here:make_task"], "cannot import no_such_module_here"),
         (["--task", f"{__name__}:no_such_function"], "has no function no_such_function"),
