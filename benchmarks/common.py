@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -67,6 +68,17 @@ def at_least(minimum: int):
         return value
 
     return parse
+
+
+def budget_seconds(text: str) -> float:
+    """An argparse type: a time budget, a finite number of seconds >= 0 (with NaN it never ran out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
 
 
 def out_dir_problem(path: Path) -> str | None:

@@ -37,6 +37,7 @@ from .common import (
     at_least,
     bench,
     blv_backend_problem,
+    budget_seconds,
     class_counts,
     copy_bandwidth,
     environment,
@@ -290,7 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--reps", type=at_least(1), help=f"timed calls per measurement on the CPU (default 10; CPU profile {CPU_REPS})"
     )
-    parser.add_argument("--budget-s", type=float, default=math.inf, help="skip what is left after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=budget_seconds, default=math.inf, help="skip what is left after this many seconds"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     args = parser.parse_args(argv)
     for option, known in (("shapes", SHAPES), ("dtypes", DTYPES), ("providers", PROVIDERS)):

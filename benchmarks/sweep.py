@@ -40,6 +40,7 @@ from .common import (
     QUANTILES,
     SIGMA,
     blv_backend_problem,
+    budget_seconds,
     class_counts,
     copy_bandwidth,
     environment,
@@ -280,7 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--static", action="store_true", help="static estimates of every candidate (no GPU needed)")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--budget-s", type=float, default=math.inf, help="start no candidate after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=budget_seconds, default=math.inf, help="start no candidate after this many seconds"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where sweep.json goes")
     args = parser.parse_args(argv)
     args.cases = args.cases.split(",") if args.cases else list(CASES)

@@ -2,6 +2,7 @@
 everything it claims, every provider included (skipped ones with a reason, never dropped)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -252,6 +253,23 @@ def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp
         == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}"
     )
     assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("module", [training, loss])
+@pytest.mark.parametrize(
+    "budget, problem",
+    [("nan", "must be a finite number of seconds >= 0, got nan"), ("inf", "must be a finite number of seconds >= 0, got inf"),
+     ("-1", "must be a finite number of seconds >= 0, got -1"), ("soon", "expected a number of seconds, got 'soon'")],
+)  # fmt: skip
+def test_budget_must_be_finite_seconds(module, budget, problem, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--budget-s", budget])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"python -m {module.__name__}: error: argument --budget-s: {problem}"
+    )
+    assert module.parse_args(["--budget-s", "0"]).budget_s == 0 and module.parse_args([]).budget_s == math.inf
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,11 @@ def test_budget_skips_what_is_left_and_a_run_that_timed_nothing_fails(tmp_path, 
 
 @pytest.mark.parametrize(
     "argv, message",
-    [([], "needs a CUDA device"), (["--static", "--cases", "nope"], "unknown ['nope']")],
+    [
+        ([], "needs a CUDA device"),
+        (["--static", "--cases", "nope"], "unknown ['nope']"),
+        (["--budget-s", "nan"], "--budget-s: must be a finite number of seconds >= 0, got nan"),
+    ],
 )
 def test_cli_errors_are_one_line(argv, message):
     env = dict(os.environ)
