@@ -264,11 +264,14 @@ def test_save_counts_refuses_what_load_counts_refuses(counts, problem, tmp_path)
 
 def test_save_counts_takes_integer_arrays_and_tensors(tmp_path):
     path = tmp_path / "counts.json"
-    for counts in (np.array([3, 0, 7], dtype=np.uint32), torch.tensor([3, 0, 7]), (3, 0, np.int64(7))):
-        save_counts(counts, path)
+    counter = ClassCounter(3)
+    counter.update(torch.tensor([0, 0, 2, 2, 2, 2, 2, 2, 2]))
+    for counts in (np.array([3, 0, 7], dtype=np.uint32), torch.tensor([3, 0, 7]), (3, 0, np.int64(7)), [3.0, 0, 7],
+                   counter.counts() + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)):  # fmt: skip
+        save_counts(counts, path)  # whole floats (ClassCounter's float64 counts) are written as integers
         assert load_counts(path) == [3, 0, 7]
-    # floats, even whole ones: a JSON 3.0 is no count to load_counts either
-    for counts, problem in ((np.array([3.0, 0.5]), "item 0 is 3.0"), (torch.tensor([3, -1]), "item 1 is -1")):
+        assert path.read_text() == "[3, 0, 7]\n"
+    for counts, problem in ((np.array([3.0, 0.5]), "item 1 is 0.5"), (torch.tensor([3, -1]), "item 1 is -1")):
         with pytest.raises(ValueError, match=re.escape(problem)):
             save_counts(counts, path)
     assert load_counts(path) == [3, 0, 7]  # the file is as it was

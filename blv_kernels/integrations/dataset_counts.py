@@ -243,12 +243,15 @@ def _counts_problem(counts) -> str | None:
 def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take).
 
-    ``counts``: a list, tuple, numpy array or tensor of non-negative integers; anything
-    :func:`load_counts` would refuse (floats, negative numbers, no counts) raises ``ValueError``.
+    ``counts``: a list, tuple, numpy array or tensor of non-negative integers, or of whole-valued
+    floats (``ClassCounter.counts()`` is float64), written as integers; anything else
+    :func:`load_counts` would refuse (fractions, negative numbers, no counts) raises ``ValueError``.
     Written to a temporary file beside ``path`` first, then renamed: never half a file.
     """
     path = Path(path)
     values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
+    if isinstance(values, (list, tuple)):
+        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     problem = _counts_problem(values)
     if problem is not None:
         raise ValueError(
