@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +47,11 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {name}: the benchmarks run on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -62,6 +68,40 @@ def at_least(minimum: int):
         return value
 
     return parse
+
+
+def budget_seconds(text: str) -> float:
+    """An argparse type: a time budget, a finite number of seconds >= 0 (with NaN it never ran out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
+    return value
+
+
+def out_dir_problem(path: Path) -> str | None:
+    """None when results can be written to the directory ``path``, else why not (for ``--out``).
+
+    Tried, not guessed from permissions (a read-only file system, ``/proc``, root): the directories
+    it lacks are made and a temporary file written, then all is removed again, so that the
+    benchmarks can ask before any work and a run refused later leaves nothing behind.
+    """
+    if path.exists() and not path.is_dir():
+        return f"--out {path}: exists and is not a directory"
+    missing = [p for p in (path, *path.parents) if not p.exists()]  # the deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        return f"--out {path}: not a writable directory ({error.strerror or error})"
+    finally:
+        for directory in missing:
+            with contextlib.suppress(OSError):  # not made: mkdir failed above it
+                directory.rmdir()
+    return None
 
 
 def log(line: str) -> None:

@@ -95,7 +95,8 @@ run_stage cuda-ext "$(cap $EXT_MAX $EXT_RESERVE)" "$PY" -c "import torch; from b
 print(blv_backend_problem('cuda', torch.device('cuda')) or 'the CUDA C++ backend runs')"
 if [[ $MODE == --sweep ]]; then  # kernel_config's choice and CUDA C++ on every case first, then the variants
     SWEEP_CAP=$(cap 300 0)
-    run_stage sweep "$SWEEP_CAP" "$PY" -m benchmarks.sweep --budget-s $((SWEEP_CAP - 40)) --out "$OUT"
+    # the cap is 30 s at least: a budget of 0 (not negative, which --budget-s refuses) then times nothing
+    run_stage sweep "$SWEEP_CAP" "$PY" -m benchmarks.sweep --budget-s $((SWEEP_CAP > 40 ? SWEEP_CAP - 40 : 0)) --out "$OUT"
     echo "stage      outcome             time   log"
     printf '%s\n' "${STAGES[@]}"
     tail -n 12 "$OUT/sweep.log"

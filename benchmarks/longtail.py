@@ -99,7 +99,7 @@ from torch import nn
 from blv_kernels import BLVLoss, class_weights
 from blv_kernels.integrations import SigmaSchedule
 
-from .common import at_least, environment, resolve_device, stamp_line, write_json
+from .common import at_least, environment, out_dir_problem, resolve_device, stamp_line, write_json
 from .plots import pyplot
 
 PROG = "python -m benchmarks.longtail"
@@ -835,8 +835,9 @@ def parse_args(argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (math.isfinite(args.imbalance) and args.imbalance >= 1):
         raise UsageError(f"--imbalance must be a number >= 1, got {args.imbalance}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        raise UsageError(out_problem)
     return args
 
 
@@ -860,8 +861,8 @@ def run(argv: list[str]) -> int:
         raise UsageError("the paired t-test needs scipy: pip install scipy") from None
     try:
         device = resolve_device(args.device)
-    except (RuntimeError, SystemExit) as error:
-        raise UsageError(f"--device {args.device}: {error}") from None
+    except SystemExit as error:  # its message names --device
+        raise UsageError(str(error)) from None
     torch.set_num_threads(args.threads)
     specs = list(dict.fromkeys(args.task or BUILTIN_TASKS))
     tasks = {spec: resolve_task(spec, args) for spec in specs}
@@ -872,10 +873,6 @@ def run(argv: list[str]) -> int:
     }  # fmt: skip
     # seed 0's task of each: a bad task fails here, before anything is trained or written
     first_tasks = {spec: prepare(spec, make_task(0), methods[spec], args.epochs) for spec, make_task in tasks.items()}
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out {args.out}: {error.strerror or error}") from None
 
     start = time.perf_counter()
     env = environment(device)

@@ -37,11 +37,13 @@ from .common import (
     at_least,
     bench,
     blv_backend_problem,
+    budget_seconds,
     class_counts,
     copy_bandwidth,
     environment,
     host_loop,
     log,
+    out_dir_problem,
     peak_extra_memory,
     resolve_device,
     stamp_line,
@@ -289,7 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--reps", type=at_least(1), help=f"timed calls per measurement on the CPU (default 10; CPU profile {CPU_REPS})"
     )
-    parser.add_argument("--budget-s", type=float, default=math.inf, help="skip what is left after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=budget_seconds, default=math.inf, help="skip what is left after this many seconds"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     args = parser.parse_args(argv)
     for option, known in (("shapes", SHAPES), ("dtypes", DTYPES), ("providers", PROVIDERS)):
@@ -300,6 +304,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             if unknown:
                 parser.error(f"--{option}: unknown {unknown}; known: {', '.join(known)}")
             setattr(args, option, chosen)
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

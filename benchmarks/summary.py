@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .common import stamp_line
@@ -73,23 +74,54 @@ def static_summary(static_reports: list[dict], loss_data: dict | None, sweep_dat
     return "\n".join(lines)
 
 
+class SummaryError(Exception):
+    """A result file that cannot be summarized: one line that names it, exit status 1."""
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise SummaryError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise SummaryError(f"{path}: not valid JSON ({error})") from None
+
+
+def summarized(summarize, paths: list[Path]) -> str:
+    """``summarize`` of the files at ``paths`` (None for one that is missing): a file cut short or of
+    another kind lacks what it reads, which raises a SummaryError that names the files."""
+    try:
+        return summarize(*(read_json(path) if path.exists() else None for path in paths))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        names = ", ".join(str(path) for path in paths if path.exists())
+        raise SummaryError(f"{names}: incomplete or not a result file ({type(error).__name__}: {error})") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__)
     parser.add_argument("out", type=Path, help="the directory with loss.json and/or training.json")
     args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        parser.error(f"{args.out}: {'not a directory' if args.out.exists() else 'no such directory'}")
+    try:
+        return print_summaries(args.out)
+    except SummaryError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def print_summaries(out: Path) -> int:
     found = False
     for name, summarize in (("loss.json", loss_summary), ("training.json", table4)):
-        path = args.out / name
+        path = out / name
         if path.exists():
             found = True
-            print(summarize(json.loads(path.read_text())) + "\n")
+            print(summarized(summarize, [path]) + "\n")
         else:
             print(f"{path}: missing (that stage did not write it)\n")
-    static = args.out / "static_report.json"
+    static = out / "static_report.json"
     if static.exists():
-        loss, sweep = (args.out / name for name in ("loss.json", "sweep.json"))
-        print(static_summary(json.loads(static.read_text()), *(json.loads(f.read_text()) if f.exists() else None
-                                                               for f in (loss, sweep))))  # fmt: skip
+        print(summarized(static_summary, [static, out / "loss.json", out / "sweep.json"]))
     return 0 if found else 1
 
 

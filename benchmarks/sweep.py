@@ -40,10 +40,12 @@ from .common import (
     QUANTILES,
     SIGMA,
     blv_backend_problem,
+    budget_seconds,
     class_counts,
     copy_bandwidth,
     environment,
     log,
+    out_dir_problem,
     quantiles,
     stamp_line,
     write_json,
@@ -279,7 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--static", action="store_true", help="static estimates of every candidate (no GPU needed)")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
-    parser.add_argument("--budget-s", type=float, default=math.inf, help="start no candidate after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=budget_seconds, default=math.inf, help="start no candidate after this many seconds"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where sweep.json goes")
     args = parser.parse_args(argv)
     args.cases = args.cases.split(",") if args.cases else list(CASES)
@@ -290,6 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--static: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     if not args.static and not torch.cuda.is_available():
         parser.error("the measured sweep needs a CUDA device (on any machine: --static)")
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

@@ -32,10 +32,12 @@ from .common import (
     SIGMA,
     at_least,
     blv_backend_problem,
+    budget_seconds,
     class_counts,
     cpu_bf16_problem,
     environment,
     log,
+    out_dir_problem,
     quantiles,
     resolve_device,
     stamp_line,
@@ -247,13 +249,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precisions",
         help=f"comma-separated subset of {','.join(PRECISIONS)} (default: all; on a CPU without native bf16: fp32)",
     )
-    parser.add_argument("--budget-s", type=float, default=math.inf, help="cut rounds, then precisions, after this")
+    parser.add_argument(
+        "--budget-s", type=budget_seconds, default=math.inf, help="cut rounds, then precisions, after this"
+    )
     args = parser.parse_args(argv)
     if args.precisions is not None:
         args.precisions = args.precisions.split(",")
         unknown = sorted(set(args.precisions) - set(PRECISIONS))
         if unknown:
             parser.error(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
+    out_problem = out_dir_problem(args.out)
+    if out_problem is not None:
+        parser.error(out_problem)
     return args
 
 

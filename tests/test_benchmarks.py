@@ -2,7 +2,9 @@
 everything it claims, every provider included (skipped ones with a reason, never dropped)."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -229,6 +231,71 @@ def test_training_falls_back_without_torchvision(monkeypatch):
     assert training.resolve_model("auto") == "encdec"
 
 
+@pytest.mark.parametrize("module, argv", [(training, TRAINING_ARGS), (loss, LOSS_ARGS)])
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("results.txt", "exists and is not a directory"),
+        ("results.txt/run", "not a writable directory (Not a directory)"),
+    ],
+)
+def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp_path, capsys, monkeypatch):
+    def work(*args):
+        raise AssertionError("the benchmark started with an --out it cannot write to")
+
+    monkeypatch.setattr(module, "resolve_device", work)  # the first step of a run, right after the arguments
+    (tmp_path / "results.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*argv, "--out", str(tmp_path / out)])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}"
+    )
+    assert (tmp_path / "results.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("module", [training, loss])
+@pytest.mark.parametrize(
+    "budget, problem",
+    [("nan", "must be a finite number of seconds >= 0, got nan"), ("inf", "must be a finite number of seconds >= 0, got inf"),
+     ("-1", "must be a finite number of seconds >= 0, got -1"), ("soon", "expected a number of seconds, got 'soon'")],
+)  # fmt: skip
+def test_budget_must_be_finite_seconds(module, budget, problem, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--budget-s", budget])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"python -m {module.__name__}: error: argument --budget-s: {problem}"
+    )
+    assert module.parse_args(["--budget-s", "0"]).budget_s == 0 and module.parse_args([]).budget_s == math.inf
+
+
+@pytest.mark.parametrize(
+    "name, available, count, problem",
+    [("cuda:3", False, 0, "no CUDA device is available"), ("cuda:3", True, 2, "there are 2 CUDA device(s)"),
+     ("meta", False, 0, "the benchmarks run on cpu or cuda")],
+)  # fmt: skip
+def test_device_errors_name_the_device_asked_for(name, available, count, problem, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(SystemExit, match=rf"^--device {name}: {re.escape(problem)}$"):
+        common.resolve_device(name)
+
+
+def test_out_dir_problem_tries_and_leaves_nothing_behind(tmp_path):
+    assert common.out_dir_problem(tmp_path / "a" / "b") is None
+    assert not (tmp_path / "a").exists()  # made to try it, removed again
+    (tmp_path / "kept").mkdir()
+    assert common.out_dir_problem(tmp_path / "kept") is None
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    if Path("/proc/self").is_dir():  # no permission bit says so, and root may write anywhere else
+        assert common.out_dir_problem(Path("/proc/nope")) == (
+            "--out /proc/nope: not a writable directory (No such file or directory)"
+        )
+
+
 def test_gpu_check_script_parses():
     script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
@@ -249,6 +316,33 @@ def test_gpu_check_sweep_mode_runs_its_stages_and_reports_without_a_gpu(tmp_path
     for stage in ("env", "cuda-ext", "sweep"):
         assert f"== {stage} (cap" in result.stdout and (tmp_path / "out" / f"{stage}.log").exists()
     assert "the measured sweep needs a CUDA device" in result.stdout and "GPU sweep: FAILED" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("loss.json", "{bad", "not valid JSON (Expecting property name enclosed in double quotes"),
+        ("loss.json", '{"meta": {}}', "incomplete or not a result file (KeyError: 'providers')"),
+        ("training.json", "[]", "incomplete or not a result file (TypeError: "),
+        ("static_report.json", '{"case": 1}', "incomplete or not a result file (TypeError: "),
+    ],
+)
+def test_summary_of_a_bad_file_is_one_line_that_names_it(name, text, problem, tmp_path, capsys):
+    (tmp_path / name).write_text(text)
+    assert summary.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m benchmarks.summary: error: {tmp_path / name}: {problem}")
+
+
+def test_summary_of_a_missing_directory_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        summary.main([str(tmp_path / "nope")])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == ""
+        and err.splitlines()[-1] == f"python -m benchmarks.summary: error: {tmp_path / 'nope'}: no such directory"
+    )
 
 
 def test_static_estimate_beside_the_measured_time():

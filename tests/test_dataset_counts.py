@@ -1,6 +1,7 @@
 """Class counts from label maps: tensors and arrays, label files (PNG, .npy), the JSON format."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -200,6 +201,26 @@ def test_count_label_files_reports_problems(rng, tmp_path, workers):
     assert "UnidentifiedImageError" in result.unreadable[str(tmp_path / "broken.png")]
 
 
+def test_count_label_files_takes_each_file_once(rng, tmp_path):
+    label = _labels(rng, n=1)[0].numpy()
+    for i in range(3):
+        Image.fromarray(label).save(tmp_path / f"{i}.png")
+    paths = sorted(tmp_path.iterdir())
+    # an iterator is read once: the check for Pillow must not take its first file
+    result = count_label_files(iter(paths), 6, workers=1, progress=False)
+    assert result.files_counted == 3 and result.counts == _expected([torch.from_numpy(label)] * 3, 6)
+    for twice in (
+        [tmp_path / "nope.npy", tmp_path / "nope.npy"],
+        [paths[0], *paths],
+        [paths[1], f"{tmp_path}/./1.png"],
+    ):
+        with pytest.raises(ValueError, match="paths lists 1 file.s. more than once, e.g. .*: each file counts once"):
+            count_label_files(twice, 6, workers=1, progress=False)
+    for single in (str(paths[0]), paths[0], bytes(paths[0])):
+        with pytest.raises(TypeError, match="paths must be a sequence of label files, got the single path"):
+            count_label_files(single, 6, workers=1, progress=False)
+
+
 def test_counts_json_round_trip_into_blv_loss(rng, tmp_path):
     counts = [int(c) for c in torch.randint(1, 10**9, (6,), generator=rng)]
     path = tmp_path / "counts.json"
@@ -223,3 +244,46 @@ def test_save_counts_never_leaves_half_a_file(rng, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["counts.json"]  # no temporary file left beside it
     save_counts(counts, tmp_path / "other.json")
     assert load_counts(tmp_path / "other.json") == counts
+
+
+@pytest.mark.parametrize(
+    "counts, problem",
+    [([1.9, 3], "item 0 is 1.9"), ([5, -3], "item 1 is -3"), ([], "got an empty list"), ([2, True], "item 1 is True"),
+     ({"road": 3}, "got a dict")],
+)  # fmt: skip
+def test_save_counts_refuses_what_load_counts_refuses(counts, problem, tmp_path):
+    path = tmp_path / "counts.json"
+    rule = re.escape(f"non-negative integers (pixel counts per class): {problem}")
+    with pytest.raises(ValueError, match=f"^counts must be a non-empty list of {rule}$"):
+        save_counts(counts, path)
+    assert not any(tmp_path.iterdir())  # nothing written
+    path.write_text(json.dumps(counts))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} must hold a non-empty JSON list of {rule}$"):
+        load_counts(path)
+
+
+def test_save_counts_takes_integer_arrays_and_tensors(tmp_path):
+    path = tmp_path / "counts.json"
+    counter = ClassCounter(3)
+    counter.update(torch.tensor([0, 0, 2, 2, 2, 2, 2, 2, 2]))
+    for counts in (np.array([3, 0, 7], dtype=np.uint32), torch.tensor([3, 0, 7]), (3, 0, np.int64(7)), [3.0, 0, 7],
+                   counter.counts() + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)):  # fmt: skip
+        save_counts(counts, path)  # whole floats (ClassCounter's float64 counts) are written as integers
+        assert load_counts(path) == [3, 0, 7]
+        assert path.read_text() == "[3, 0, 7]\n"
+    for counts, problem in ((np.array([3.0, 0.5]), "item 1 is 0.5"), (torch.tensor([3, -1]), "item 1 is -1")):
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            save_counts(counts, path)
+    assert load_counts(path) == [3, 0, 7]  # the file is as it was
+
+
+def test_counts_file_errors_name_the_file_asked_for(tmp_path):
+    missing = tmp_path / "missing" / "counts.json"
+    with pytest.raises(FileNotFoundError) as error:
+        save_counts([1, 2], missing)
+    assert error.value.filename == str(missing)  # not the temporary file beside it
+    assert not (tmp_path / "missing").exists()
+    malformed = tmp_path / "counts.json"
+    malformed.write_text("[1, 2")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(malformed))} is not valid JSON: Expecting"):
+        load_counts(malformed)

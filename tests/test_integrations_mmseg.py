@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -120,6 +121,7 @@ def test_all_ignored_gives_zero_not_nan(rng):
     label.fill_(IGNORE)
     loss = MMSegBLVLoss(counts, avg_non_ignore=True)(logits.requires_grad_(), label)
     assert loss.item() == 0.0  # 0 / (0 + eps), mmseg's eps
+    assert MMSegBLVLoss(counts)(logits, label, avg_factor=0).item() == 0.0  # given as 0: the same
     loss.backward()
     assert torch.all(logits.grad == 0)
 
@@ -370,6 +372,14 @@ def test_bad_class_weights(tmp_path):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, 2.0])
 
 
+def test_malformed_json_files_are_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{bad")
+    for arguments in (dict(class_counts=str(bad)), dict(class_counts=[1, 2, 3], class_weight=bad)):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(bad))} is not valid JSON: Expecting property name"):
+            MMSegBLVLoss(**arguments)
+
+
 def test_numpy_scalar_arguments(rng):
     logits, label, counts = _batch(rng)
     from_numpy = MMSegBLVLoss(np.array(counts), sigma=np.float32(4.0), loss_weight=np.float64(0.5),
@@ -392,6 +402,26 @@ def test_numpy_scalar_arguments(rng):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         MMSegBLVLoss([1, 2, 3], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(avg_factor="3"), TypeError, "avg_factor must be a number, got '3'"),
+        (dict(avg_factor=[3.0]), TypeError, "avg_factor must be a number, got [3.0]"),
+        (dict(avg_factor=-1.0), ValueError, "avg_factor must be a finite number >= 0.0, got -1.0"),
+        (dict(avg_factor=torch.ones(2)), TypeError, "avg_factor must be a number or a one-element tensor"),
+        (dict(weight=[1.0]), TypeError, "position_weight must be a floating-point tensor with the target's shape"),
+        (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
+        (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
+    ],
+)
+@pytest.mark.parametrize("class_weight", [None, [1.0, 2.0, 0.5, 1.0, 1.0]])
+def test_bad_call_arguments_get_the_loss_messages(rng, call, error, match, class_weight):
+    logits, label, counts = _batch(rng)
+    loss_fn = MMSegBLVLoss(counts, class_weight=class_weight)
+    with pytest.raises(error, match=f"^{re.escape(match)}"):
+        loss_fn(**{"cls_score": logits, "label": label, **call})
 
 
 def test_importing_the_package_needs_no_mmseg():

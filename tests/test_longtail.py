@@ -380,6 +380,7 @@ def make_task_with_a_bad_label(seed):
         (["--methods", "ce,focal"], "unknown method 'focal'"),
         (["--methods", "blv-abs"], "unknown method 'blv-abs'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--device", "meta"], "error: --device meta: the benchmarks run on cpu or cuda"),
         (["--task", "cifar"], "--task 'cifar': give digits or segmentation, or module:function"),
         (["--task", "no_such_module_here:make_task"], "cannot import no_such_module_here"),
         (["--task", f"{__name__}:no_such_function"], "has no function no_such_function"),
@@ -398,11 +399,22 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     assert not (tmp_path / "out" / "longtail.json").exists()
 
 
-def test_out_path_that_is_a_file(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("results.txt", "exists and is not a directory"),
+        ("results.txt/run", "not a writable directory (Not a directory)"),
+    ],
+)
+def test_unusable_out_is_refused_before_any_work(out, message, tmp_path, capsys, monkeypatch):
+    def work(*args):
+        raise AssertionError("a task was made with an --out that cannot be written to")
+
+    monkeypatch.setattr(longtail, "resolve_task", work)
     path = tmp_path / "results.txt"
     path.write_text("keep me")
-    assert longtail.main(["--out", str(path)]) == 2
-    assert "exists and is not a directory" in capsys.readouterr().err
+    assert longtail.main(["--out", str(tmp_path / out)]) == 2
+    assert capsys.readouterr().err == f"python -m benchmarks.longtail: error: --out {tmp_path / out}: {message}\n"
     assert path.read_text() == "keep me"
 
 

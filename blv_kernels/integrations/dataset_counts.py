@@ -11,6 +11,7 @@ so ``BLVLoss(json.load(f))`` and ``BLVLoss(load_counts(path))`` both work.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -188,15 +189,24 @@ def count_label_files(
 ) -> CountResult:
     """Count label files in ``workers`` processes (default: all CPUs), with a tqdm progress bar.
 
-    ``ignore_index`` is never counted. Out-of-range values are left out of the counts and listed
-    per file; files that cannot be read are listed with their error.
+    ``paths``: the files, each once (e.g. :func:`find_label_files`); a single path, or a file
+    listed twice (it would count twice), raises. ``ignore_index`` is never counted. Out-of-range
+    values are left out of the counts and listed per file; files that cannot be read are listed
+    with their error.
     """
     num_classes = _check_num_classes(num_classes)
     ignore_index = integer_ignore_index(ignore_index)
     if workers is not None:
         workers = integer("workers", workers, minimum=1)
-    _check_readers(paths, progress=progress)
+    if isinstance(paths, (str, bytes, os.PathLike)):  # iterated, it would give one-character paths
+        raise TypeError(f"paths must be a sequence of label files, got the single path {paths!r}: pass [path]")
     paths = [str(p) for p in paths]
+    repeated = [p for p, n in Counter(os.path.abspath(p) for p in paths).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"paths lists {len(repeated)} file(s) more than once, e.g. {repeated[0]}: each file counts once"
+        )
+    _check_readers(paths, progress=progress)
     workers = min(workers or os.cpu_count() or 1, max(len(paths), 1))
     task = partial(_count_file, num_classes=num_classes, ignore_index=ignore_index)
     outcomes = []
@@ -217,28 +227,61 @@ def count_label_files(
     return CountResult(total.tolist(), len(outcomes) - len(unreadable), out_of_range, unreadable)
 
 
+def _counts_problem(counts) -> str | None:
+    """Why ``counts`` cannot be the counts file's list, or None: the one rule of :func:`save_counts`
+    and :func:`load_counts`, a non-empty list of non-negative integers (Python or numpy; not bools)."""
+    if not isinstance(counts, (list, tuple)):
+        return f"got a {type(counts).__name__}"
+    if not counts:
+        return "got an empty list"
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            return f"item {i} is {count!r}"
+    return None
+
+
 def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take).
 
+    ``counts``: a list, tuple, numpy array or tensor of non-negative integers, or of whole-valued
+    floats (``ClassCounter.counts()`` is float64), written as integers; anything else
+    :func:`load_counts` would refuse (fractions, negative numbers, no counts) raises ``ValueError``.
     Written to a temporary file beside ``path`` first, then renamed: never half a file.
     """
     path = Path(path)
-    text = json.dumps([int(c) for c in counts]) + "\n"
+    values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
+    if isinstance(values, (list, tuple)):
+        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    problem = _counts_problem(values)
+    if problem is not None:
+        raise ValueError(
+            f"counts must be a non-empty list of non-negative integers (pixel counts per class): {problem}"
+        )
+    text = json.dumps([int(c) for c in values]) + "\n"
     partial_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         partial_file.write_text(text)
         partial_file.replace(path)
+    except OSError as error:  # named after the file asked for, not the temporary one
+        raise type(error)(error.errno, error.strerror, str(path)) from None
     finally:
         partial_file.unlink(missing_ok=True)  # only left when writing or renaming failed
 
 
 def load_counts(path: str | os.PathLike) -> list[int]:
     """Read counts written by :func:`save_counts` / ``blv-kernels count-classes``."""
-    counts = json.loads(Path(path).read_text())
-    if not (
-        isinstance(counts, list)
-        and counts
-        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-    ):
-        raise ValueError(f"{path} must hold a non-empty JSON list of non-negative integers (pixel counts per class)")
+    counts = read_json(path)
+    problem = _counts_problem(counts)
+    if problem is not None:
+        raise ValueError(
+            f"{path} must hold a non-empty JSON list of non-negative integers (pixel counts per class): {problem}"
+        )
     return counts
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in the file at ``path``; malformed JSON raises a ``ValueError`` that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {error}") from None

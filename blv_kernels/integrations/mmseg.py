@@ -24,16 +24,15 @@ position as 1 is our choice, so that all-ones class weights equal no class weigh
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._validation import REDUCTIONS, check_reduction, real
+from .._validation import REDUCTIONS, check_logits_target, check_options, check_reduction, real
 from ..loss import BLVLoss, blv_cross_entropy_from_weights
-from .dataset_counts import load_counts
+from .dataset_counts import load_counts, read_json
 
 __all__ = ["MMSegBLVLoss"]
 
@@ -120,12 +119,21 @@ class MMSegBLVLoss(BLVLoss):
         reduction = reduction_override or self.reduction
         if reduction == "sum" and avg_factor is not None:
             raise ValueError('avg_factor can not be used with reduction="sum"')  # as mmseg's weight_reduce_loss
+        # what is read below before the loss checks its arguments, checked as the loss would
+        check_logits_target(cls_score, label)
+        check_options(ignore_index=ignore_index, label_smoothing=self.label_smoothing)
         if reduction == "mean":
-            avg_factor = (self._default_avg_factor(label, ignore_index) if avg_factor is None else avg_factor) + EPS
+            if avg_factor is None:
+                avg_factor = self._default_avg_factor(label, ignore_index)
+            elif not isinstance(avg_factor, torch.Tensor):  # mmseg's: >= 0 (0: nothing counted), then + eps
+                avg_factor = real("avg_factor", avg_factor, minimum=0.0)
+            avg_factor = avg_factor + EPS
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
+        if isinstance(weight, torch.Tensor):
+            weight = weight.float()  # anything else is refused by the loss
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
-                       position_weight=None if weight is None else weight.float(), avg_factor=avg_factor)  # fmt: skip
+                       position_weight=weight, avg_factor=avg_factor)  # fmt: skip
         if self.training:
             loss = blv_cross_entropy_from_weights(
                 cls_score, label, self.variation_weight, self.weight, variation_params=self.variation_params,
@@ -160,7 +168,7 @@ def load_class_weight(path: str | os.PathLike):
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        return read_json(path)
     try:
         from mmengine.fileio import load
     except ImportError:
