@@ -146,7 +146,7 @@ def _walk_options(case: Case, launch: tk.Launch) -> dict:
             _line(tk._variation, "e = t * _horner8(t * t")
         )
         # a masked gradient store that ptxas puts behind a branch (Triton 3.6): some lane stores
-        branches[_line(tk._store_grad, "tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty), mask=")] = _STORE
+        branches[_line(tk._store_tile, "tl.store(tl.reshape(p, flat), tl.reshape(b, flat), mask=")] = _STORE
         full_chunks = case.num_classes // (4 * max(launch.args["CHUNK_GROUPS"], 1))  # then a masked partial one
         sweeps = [_line(tk._row_statistics, sweep) for sweep in ("# first sweep", "# second sweep")]
         trips.update(dict.fromkeys(sweeps, full_chunks))

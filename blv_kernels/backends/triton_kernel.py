@@ -127,6 +127,34 @@ def _tile_mask(o_c, m_p, C, FULL: tl.constexpr, EVEN_S: tl.constexpr):
     return (o_c < C)[:, None] & m_p[None, :]
 
 
+# A tile's logits and gradient go through memory as a flat (1-D) view. Triton lays a load or store
+# out by its pointers' contiguity; with strided positions (channels_last, rows) neither axis of a
+# [classes, positions] tile is contiguous, and Triton 3.6 then spreads the threads over the classes
+# and converts every tile to and from the layout of the arithmetic (44 conversions at C = 150). A
+# flat view has one axis, and its layout is the tile's own, flattened: both reshapes are free.
+
+
+@triton.jit
+def _load_tile(p, mask=None):
+    """The [G, P] tile at pointers ``p`` (0 where ``mask`` is false), loaded through a flat view."""
+    flat: tl.constexpr = p.shape[0] * p.shape[1]
+    if mask is None:
+        b = tl.load(tl.reshape(p, flat))
+    else:
+        b = tl.load(tl.reshape(p, flat), mask=tl.reshape(mask, flat), other=0.0)
+    return tl.reshape(b, (p.shape[0], p.shape[1]))
+
+
+@triton.jit
+def _store_tile(p, b, mask=None):
+    """Store the [G, P] tile ``b`` at pointers ``p`` (where ``mask``), through a flat view."""
+    flat: tl.constexpr = p.shape[0] * p.shape[1]
+    if mask is None:
+        tl.store(tl.reshape(p, flat), tl.reshape(b, flat))
+    else:
+        tl.store(tl.reshape(p, flat), tl.reshape(b, flat), mask=tl.reshape(mask, flat))
+
+
 @triton.jit
 def _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c, m_p, word, C, stride_xc, scale, threshold,
                     CLAMP_MODE: tl.constexpr, POLY: tl.constexpr, FULL: tl.constexpr,
@@ -135,10 +163,10 @@ def _perturbed_tile(x_ptr, o_x, variation_weight_ptr, o_c, m_p, word, C, stride_
     -inf for classes >= C."""
     p_x = x_ptr + (o_x[None, :] + (o_c * stride_xc)[:, None])
     if FULL and EVEN_S:
-        b_x = tl.load(p_x)
+        b_x = _load_tile(p_x)
         b_w = tl.load(variation_weight_ptr + o_c)
     else:
-        b_x = tl.load(p_x, mask=_tile_mask(o_c, m_p, C, FULL, EVEN_S), other=0.0)
+        b_x = _load_tile(p_x, _tile_mask(o_c, m_p, C, FULL, EVEN_S))
         b_w = tl.load(variation_weight_ptr + o_c, mask=o_c < C, other=0.0)
     b_z = b_x.to(tl.float32) + _variation(word, scale, threshold, CLAMP_MODE, POLY) * b_w[:, None]
     if not FULL:
@@ -261,9 +289,9 @@ def _store_grad(grad_ptr, o_g, o_c, e, b_t, m_p, k_p, k_t, k_s, class_weight_ptr
             b_g -= k_s[None, :]
     p_g = grad_ptr + (o_g[None, :] + (o_c * stride_gc)[:, None])
     if FULL and EVEN_S:
-        tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty))
+        _store_tile(p_g, b_g.to(grad_ptr.dtype.element_ty))
     else:
-        tl.store(p_g, b_g.to(grad_ptr.dtype.element_ty), mask=_tile_mask(o_c, m_p, C, FULL, EVEN_S))
+        _store_tile(p_g, b_g.to(grad_ptr.dtype.element_ty), _tile_mask(o_c, m_p, C, FULL, EVEN_S))
 
 
 @triton.jit
