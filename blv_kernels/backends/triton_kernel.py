@@ -130,7 +130,7 @@ def _tile_mask(o_c, m_p, C, FULL: tl.constexpr, EVEN_S: tl.constexpr):
 # A tile's logits and gradient go through memory as a flat (1-D) view. Triton lays a load or store
 # out by its pointers' contiguity; with strided positions (channels_last, rows) neither axis of a
 # [classes, positions] tile is contiguous, and Triton 3.6 then spreads the threads over the classes
-# and converts every tile to and from the layout of the arithmetic (44 conversions at C = 150). A
+# and converts every tile to and from the layout of the arithmetic (36-44 at C = 150). A
 # flat view has one axis, and its layout is the tile's own, flattened: both reshapes are free.
 
 
@@ -531,12 +531,11 @@ def _blv_loss_kernel(
         b_pw = tl.load(position_weight_ptr + n * stride_wn + o_s * stride_ws, mask=m_p, other=0.0)
     else:
         b_pw = 1.0
-    # Vector width 1: every tile in Triton's default layout, a thread's classes (or its warp's
-    # share of them) in its own registers (a vectorised load would give the logits another layout,
-    # and converting them would cross warps through shared memory). By divisibility 1, the
-    # positions still the contiguous axis: contiguity 1 would tie the axes, and Triton 3.6 orders
-    # such a tile's threads over the classes first. On the offsets: Triton 3.6's inliner drops a
-    # hint on a helper's result.
+    # Vector width 1 (divisibility 1): every tile in Triton's default layout, a thread's classes (or
+    # its warp's share of them) in its own registers (a vectorised load would give the logits another
+    # layout, and converting them would cross warps through shared memory; without the hint, Triton
+    # 3.9 exchanges 1.8 sync instructions per element at C = 19). On the offsets: Triton 3.6's
+    # inliner drops a hint on a helper's result.
     o_x = tl.multiple_of(n * stride_xn + o_s * stride_xs, 1)
     if GRAD_LIKE_X:
         o_g = o_x
@@ -610,11 +609,11 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   element); the tail block's padding costs C = 25 and 100 most. The limit of 6 groups is a
 #   margin, not a wall: at C = 100, W = 4 (8 groups a thread) counts 81.0 in 128 registers
 #   without spilling here, but the card's Triton, other options and other sizes may spill; the
-#   sweep (benchmarks/sweep.py) has it as a candidate. Strided positions (channels_last, rows):
-#   Triton 3.6 lays such tiles out classes first and converts them to the default layout (its
-#   TTGIR at C = 150: 44 layout conversions, against 20 under 3.9), and ptxas takes up to 171
-#   registers; with a cap of 128 and at most 5 groups a thread, no configuration spills (the
-#   static report's --all-configs, default options) under 3.6 or 3.9. With class and position
+#   sweep (benchmarks/sweep.py) has it as a candidate. Strided positions (channels_last, rows)
+#   take more registers for their addresses: under Triton 3.6, 6 groups a thread take 150 at
+#   C = 81-96 uncapped and spill 8 B at C = 41 capped at 128; with a cap of 128 and at most 5
+#   groups a thread, no configuration spills (the static report's --all-configs, default options)
+#   under 3.6 or 3.9. With class and position
 #   weights, label smoothing and reduction "none", C = 161 NCHW fp32 spills 8 B uncapped. Above
 #   16 x 24 = 384 classes (320 strided): two sweeps over chunks of CHUNK_GROUPS groups, one
 #   position a thread (65536 x 1000 rows, chunks of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the
