@@ -70,6 +70,10 @@ CASES = [
     Case((2, 5, 3, 4, 5), layout="channels_last"),
     Case((2, 19, 5, 9), layout="cropped", reduction="none"),
     Case((2, 19, 3, 5), layout="permuted", reduction="sum"),
+    # int8 / int16 labels (ignore_index -100 a negative label): NCHW, class rows and channels_last, C=150 past int8
+    Case((2, 19, 5, 7), reduction="none", target_dtype=torch.int8),
+    Case((5, 67), reduction="sum", target_dtype=torch.int8),
+    Case((1, 150, 3, 5), layout="channels_last", weight=True, target_dtype=torch.int16),
     # ignore ratios 0 and 100%, sigma 0 and the Giles path
     Case((2, 19, 4, 5), ignore=0.0, reduction="sum", weight=True),
     Case((2, 19, 4, 5), ignore=1.0),

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -381,11 +382,16 @@ def test_malformed_json_files_are_named(tmp_path):
 
 
 def test_numpy_scalar_arguments(rng):
-    logits, label, counts = _batch(rng)
+    logits, label, _ = _batch(rng)
+    counts = [0, 1, 3, 10, 100]  # small, one of them 0: the smoothing changes every weight
     from_numpy = MMSegBLVLoss(np.array(counts), sigma=np.float32(4.0), loss_weight=np.float64(0.5),
                               avg_non_ignore=np.bool_(True), smoothing=np.float32(1.0))  # fmt: skip
     plain = MMSegBLVLoss(counts, sigma=4.0, loss_weight=0.5, avg_non_ignore=True, smoothing=1.0)
-    assert type(from_numpy.loss_weight) is float and from_numpy.avg_non_ignore is True
+    assert type(from_numpy.loss_weight) is float and from_numpy.avg_non_ignore is True and from_numpy.sigma == 4.0
+    # the smoothing by value: n_c + 1 = 1, 2, 4, 11, 101 (sum 119), w_c = log(119 / (n_c + 1)) / log(119)
+    expected = torch.tensor([math.log(119 / n) / math.log(119) for n in (1, 2, 4, 11, 101)], dtype=torch.float64)
+    for loss in (from_numpy, plain):
+        torch.testing.assert_close(loss.variation_weight.double(), expected, rtol=1e-7, atol=0)  # float32: 6e-8
     torch.testing.assert_close(_call_with_seed(from_numpy, logits, label)[0], _call_with_seed(plain, logits, label)[0])
 
 
