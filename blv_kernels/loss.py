@@ -227,6 +227,16 @@ class BLVLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.backend = backend
 
+    def _apply(self, fn, recurse=True):
+        # A module-wide dtype cast (.half(), .to(torch.bfloat16)) leaves the variation weights float32,
+        # as the kernels read them: rounded, they would change every loss by up to 2**-9 of a weight
+        # (sigma's constants are kept as int32 bits for the same reason). Device moves apply.
+        variation_weight = self.variation_weight
+        super()._apply(fn, recurse)
+        if self.variation_weight.dtype != variation_weight.dtype:
+            self.variation_weight = variation_weight.to(self.variation_weight.device)
+        return self
+
     @property
     def sigma(self) -> float:
         return self._sigma
