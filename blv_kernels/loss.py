@@ -12,6 +12,7 @@ from torch import nn
 from . import noise, ops, reference
 from ._validation import (
     check_class_vector,
+    check_constant,
     check_logits_target,
     check_loss_arguments,
     check_options,
@@ -142,8 +143,10 @@ def blv_cross_entropy_from_weights(
             shape = tuple(variation.shape) if isinstance(variation, torch.Tensor) else type(variation).__name__
             raise ValueError(f"variation shape {shape} does not match logits shape {tuple(logits.shape)}")
     device = logits.device
+    noise.check_sigma(sigma)  # also when variation_params stands in for it
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if variation_params is None:
-        noise.check_sigma(sigma)
         variation_params = noise.variation_params_tensor(sigma, device)
         draw = sigma > 0
     else:
@@ -208,7 +211,14 @@ class BLVLoss(nn.Module):
             get_backend(backend)  # an unknown name fails here, not at the first step
         variation_weight = class_weights(class_counts, smoothing=smoothing)
         if weight is not None:
-            weight = torch.as_tensor(weight, dtype=torch.float32)
+            if isinstance(weight, torch.Tensor):
+                check_constant("weight", weight)  # here, not at every step
+            try:
+                weight = torch.as_tensor(weight, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"weight must be a tensor or a list of numbers, one per class, got {weight!r}"
+                ) from None
             if weight.shape != variation_weight.shape:
                 raise ValueError(
                     f"weight must have one entry per class ({variation_weight.numel()}), got shape {tuple(weight.shape)}"

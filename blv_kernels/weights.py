@@ -10,6 +10,7 @@ and every logit of class ``c`` is shifted by ``v * w_c`` during training.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,13 +24,21 @@ __all__ = ["class_weights"]
 def _counts_as_float64(class_counts) -> torch.Tensor:
     """Lists, numpy arrays and tensors -> a 1-D float64 CPU tensor, validated."""
     if isinstance(class_counts, torch.Tensor):
+        if class_counts.dtype.is_complex or class_counts.dtype == torch.bool:
+            raise TypeError(f"class_counts must be real numbers, got a {class_counts.dtype} tensor")
         counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(class_counts, (Sequence, np.ndarray)) and not isinstance(class_counts, (str, bytes)):
+        if isinstance(class_counts, np.ndarray) and class_counts.dtype.kind in "bc":
+            raise TypeError(f"class_counts must be real numbers, got a numpy {class_counts.dtype} array")
+        if isinstance(class_counts, Sequence) and any(isinstance(c, (bool, np.bool_)) for c in class_counts):
+            raise TypeError(f"class_counts must be numbers, not booleans: got {reprlib.repr(class_counts)}")
         try:  # torch.tensor, not numpy, so that torch.compile traces a list of counts
             counts = torch.tensor(np.asarray(class_counts, dtype=np.float64) if isinstance(class_counts, np.ndarray)
                                   else class_counts, dtype=torch.float64)  # fmt: skip
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"class_counts must be numbers, got {class_counts!r}") from err
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # OverflowError: beyond float64
+            raise TypeError(
+                f"class_counts must be numbers within float64's range, got {reprlib.repr(class_counts)}"
+            ) from err
     else:
         raise TypeError(
             f"class_counts must be a list, numpy array or tensor of per-class counts, got {type(class_counts).__name__}"

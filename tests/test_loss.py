@@ -140,6 +140,32 @@ def test_bad_options_named_at_construction_and_call(kwargs, error, match, rng):
         blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, **{"sigma": 6.0, **kwargs})
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(weight=torch.ones(6, requires_grad=True)), ValueError, "weight requires grad"),
+        (dict(weight="abc"), TypeError, "weight must be a tensor or a list of numbers"),
+        (dict(backend=["cpu"]), ValueError, "backend must be one of"),
+    ],
+    ids=["weight-requires-grad", "weight-string", "backend-list"],
+)
+def test_bad_module_arguments_named_at_construction(kwargs, error, match, rng):
+    _, _, counts = _batch(rng)
+    with pytest.raises(error, match=match):
+        BLVLoss(counts, **kwargs)
+
+
+def test_bad_call_arguments_named(rng):
+    logits, target, counts = _batch(rng)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+        blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, generator=5)
+    params = blv_kernels.noise.variation_params_tensor(6.0)  # sigma is checked even where these stand in for it
+    with pytest.raises(ValueError, match="sigma"):
+        blv_kernels.blv_cross_entropy_from_weights(
+            logits, target, blv_kernels.class_weights(counts), sigma=-5.0, variation_params=params, ignore_index=255
+        )
+
+
 # ------------------------------------------------------------------ hardening: one rule for every backend
 
 ALL_BACKENDS = ["reference", *FUSED]

@@ -92,6 +92,7 @@ def test_confident_pseudo_labels_of_class_255_count_with_more_than_255_classes(r
     "kwargs, match",
     [
         (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=10**12), "num_classes must be an integer >= 1 and <= "),
         (dict(num_classes=C, threshold=1.5), "threshold"),
         (dict(num_classes=C, threshold=float("nan")), "threshold"),
         (dict(num_classes=C, ema_decay=1.0), "ema_decay"),

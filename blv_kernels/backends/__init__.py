@@ -97,10 +97,9 @@ def register_backend(backend: Backend) -> None:
 
 
 def get_backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}") from None
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {name!r}")
+    return BACKENDS[name]
 
 
 def resolve_backend(name: str, logits: torch.Tensor) -> Backend:

@@ -15,6 +15,7 @@ from torch import nn
 from .._validation import check_target_values, integer, integer_ignore_index, real
 from ..weights import class_weights
 from ._modules import blv_losses
+from .dataset_counts import MAX_CLASSES
 
 __all__ = ["ClassCounter"]
 
@@ -51,7 +52,7 @@ class ClassCounter:
         device: torch.device | str | None = None,
         group=None,
     ) -> None:
-        self.num_classes = integer("num_classes", num_classes, minimum=1)
+        self.num_classes = integer("num_classes", num_classes, minimum=1, maximum=MAX_CLASSES)
         self.ignore_index = integer_ignore_index(ignore_index)
         self.threshold = real("threshold (a softmax confidence)", threshold, minimum=0.0, maximum=1.0)
         self.ema_decay = None if ema_decay is None else real("ema_decay", ema_decay, minimum=0.0, below=1.0)
