@@ -69,8 +69,10 @@ ERFINV_GILES_TAIL = (
 
 
 def _f32(x: float) -> float:
-    """Round a Python float to the nearest float32 (the value a kernel argument carries)."""
-    return float(np.float32(x))
+    """Round a Python float to the nearest float32 (the value a kernel argument carries); beyond
+    float32's range, inf (a sigma that large gives scale inf and threshold 0: v = 1 everywhere)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 class VariationParams(NamedTuple):

@@ -198,6 +198,12 @@ def test_sigma_zero_gives_zero_variation():
     assert torch.equal(variation((2, 5, 7), 0.0, seed=3, mode="clamp"), torch.zeros(2, 5, 7))
 
 
+@pytest.mark.filterwarnings("error")  # no overflow warning from the float32 rounding
+def test_sigma_beyond_float32_gives_one():
+    # scale sigma*sqrt(2) rounds to inf, the threshold erf(1/scale) to 0: v = 1 wherever eps is >= 0
+    assert torch.equal(variation((2, 5, 7), 1e300, seed=3), torch.ones(2, 5, 7))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
