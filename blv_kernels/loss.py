@@ -143,10 +143,10 @@ def blv_cross_entropy_from_weights(
             shape = tuple(variation.shape) if isinstance(variation, torch.Tensor) else type(variation).__name__
             raise ValueError(f"variation shape {shape} does not match logits shape {tuple(logits.shape)}")
     device = logits.device
-    noise.check_sigma(sigma)  # also when variation_params stands in for it
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if variation_params is None:
+        noise.check_sigma(sigma)
         variation_params = noise.variation_params_tensor(sigma, device)
         draw = sigma > 0
     else:
@@ -238,13 +238,16 @@ class BLVLoss(nn.Module):
         self.backend = backend
 
     def _apply(self, fn, recurse=True):
-        # A module-wide dtype cast (.half(), .to(torch.bfloat16)) leaves the variation weights float32,
-        # as the kernels read them: rounded, they would change every loss by up to 2**-9 of a weight
-        # (sigma's constants are kept as int32 bits for the same reason). Device moves apply.
-        variation_weight = self.variation_weight
+        # A module-wide dtype cast (.half(), .to(torch.bfloat16)) leaves the variation and class
+        # weights float32, as the kernels read them: rounded, they would change every loss by up to
+        # 2**-9 of a weight (sigma's constants are kept as int32 bits for the same reason). Device
+        # moves apply.
+        weights = {name: getattr(self, name) for name in ("variation_weight", "weight")}
         super()._apply(fn, recurse)
-        if self.variation_weight.dtype != variation_weight.dtype:
-            self.variation_weight = variation_weight.to(self.variation_weight.device)
+        for name, before in weights.items():
+            after = getattr(self, name)
+            if after is not None and after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
         return self
 
     @property

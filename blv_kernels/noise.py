@@ -68,11 +68,16 @@ ERFINV_GILES_TAIL = (
 )  # fmt: skip
 
 
+_F32_OVERFLOW = 2.0**128 - 2.0**103  # the midpoint above float32's largest: from here on a rounding gives inf
+
+
 def _f32(x: float) -> float:
     """Round a Python float to the nearest float32 (the value a kernel argument carries); beyond
-    float32's range, inf (a sigma that large gives scale inf and threshold 0: v = 1 everywhere)."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(x))
+    float32's range inf, without numpy's overflow warning (a sigma that large gives scale inf and
+    threshold 0: v = 1 everywhere)."""
+    if abs(x) >= _F32_OVERFLOW:
+        return math.copysign(math.inf, x)
+    return float(np.float32(x))
 
 
 class VariationParams(NamedTuple):

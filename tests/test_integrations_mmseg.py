@@ -145,6 +145,16 @@ def test_eval_checks_the_class_count_as_training_does(rng):
         loss_fn(logits, label)
 
 
+def test_compiles_with_changing_shapes(rng):
+    # mmseg's default divisor, label.numel() + eps, turns symbolic when the shape changes
+    counts = torch.randint(1, 10**5, (5,), generator=rng).tolist()
+    loss_fn = MMSegBLVLoss(counts)
+    step = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for shape in ((2, 5, 4, 6), (2, 5, 5, 7), (2, 5, 6, 3)):
+        logits, label, _ = _batch(rng, shape)
+        torch.testing.assert_close(_call_with_seed(step, logits, label)[0], _call_with_seed(loss_fn, logits, label)[0])
+
+
 def test_options_names_and_counts_from_json(rng, tmp_path):
     logits, label, counts = _batch(rng)
     path = tmp_path / "counts.json"
@@ -417,7 +427,7 @@ def test_bad_arguments(kwargs, error, match):
         (dict(avg_factor=[3.0]), TypeError, "avg_factor must be a number, got [3.0]"),
         (dict(avg_factor=-1.0), ValueError, "avg_factor must be a finite number >= 0.0, got -1.0"),
         (dict(avg_factor=torch.ones(2)), TypeError, "avg_factor must be a number or a one-element tensor"),
-        (dict(weight=[1.0]), TypeError, "position_weight must be a floating-point tensor with the target's shape"),
+        (dict(weight=[1.0]), TypeError, "weight (per position) must be a floating-point tensor, got list"),
         (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
         (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
     ],

@@ -105,17 +105,21 @@ def test_module_wide_half_cast_keeps_sigma_and_the_weights_exact(cast, rng):
     # whole-model .half() / .bfloat16(): float32 logits keep the same loss (same seed). Random counts
     # give weights that half precision would round.
     logits, target, counts = _batch(rng)
-    loss_fn = BLVLoss(counts, sigma=0.5, ignore_index=255)  # scale, threshold of 0.5 and 4.0: not half-exact
+    weight = torch.rand(6, generator=rng) + 0.5
+    loss_fn = BLVLoss(counts, sigma=0.5, weight=weight, ignore_index=255)  # scale, threshold: not half-exact
     params = loss_fn.variation_params.clone()
     before = loss_fn(logits, target, seed=5)
     assert not torch.equal(loss_fn.variation_weight.to(getattr(torch, cast)).float(), loss_fn.variation_weight)
+    assert not torch.equal(weight.to(getattr(torch, cast)).float(), weight)
     getattr(loss_fn, cast)()
-    assert torch.equal(loss_fn.variation_weight, blv_kernels.class_weights(counts))  # float32, as it was
+    assert torch.equal(loss_fn.variation_weight, blv_kernels.class_weights(counts))  # float32, as they were
+    assert torch.equal(loss_fn.weight, weight)
     assert torch.equal(loss_fn.variation_params, params)
     assert torch.equal(loss_fn(logits, target, seed=5), before)
     loss_fn.sigma = 4.0  # and a sigma set after the cast
     assert torch.equal(
-        loss_fn(logits, target, seed=5), BLVLoss(counts, sigma=4.0, ignore_index=255)(logits, target, seed=5)
+        loss_fn(logits, target, seed=5),
+        BLVLoss(counts, sigma=4.0, weight=weight, ignore_index=255)(logits, target, seed=5),
     )
 
 
@@ -159,11 +163,6 @@ def test_bad_call_arguments_named(rng):
     logits, target, counts = _batch(rng)
     with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
         blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, generator=5)
-    params = blv_kernels.noise.variation_params_tensor(6.0)  # sigma is checked even where these stand in for it
-    with pytest.raises(ValueError, match="sigma"):
-        blv_kernels.blv_cross_entropy_from_weights(
-            logits, target, blv_kernels.class_weights(counts), sigma=-5.0, variation_params=params, ignore_index=255
-        )
 
 
 # ------------------------------------------------------------------ hardening: one rule for every backend

@@ -260,6 +260,24 @@ def test_compile_fullgraph_matches_eager(fused, rng):
     torch.testing.assert_close(grad, eager_grad)
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_compile_takes_changing_shapes_and_numbers(backend, dynamic, rng):
+    # Recompiled after a change (or traced dynamic from the start), shapes and a number avg_factor
+    # are symbolic: no argument check may branch on their values (one did: fullgraph failed)
+    if backend != "reference":
+        skip_unless_runs(backend)
+    torch._dynamo.reset()  # the lambda below is one code object in every parametrization: its own recompile budget
+    counts = torch.randint(1, 10**5, (6,), generator=rng).tolist()
+    loss_fn = BLVLoss(counts, sigma=2.0, backend=backend)
+    step = torch.compile(lambda x, t, a: loss_fn(x, t, seed=5, avg_factor=a), backend="aot_eager", fullgraph=True,
+                         dynamic=dynamic)  # fmt: skip
+    for shape, avg_factor in (((2, 6, 4, 4), 12), ((2, 6, 5, 7), 13), ((2, 6, 5, 7), 14.5)):
+        x = torch.randn(shape, generator=rng)
+        t = torch.randint(0, 6, shape[:1] + shape[2:], generator=rng)
+        torch.testing.assert_close(step(x, t, avg_factor), loss_fn(x, t, seed=5, avg_factor=avg_factor))
+
+
 @pytest.mark.parametrize("backend", [*FUSED, "reference"])
 def test_sigma_schedule_compiles_nothing(backend, rng):
     # sigma lives on the device: setting it every step changes no guard of the graph

@@ -125,13 +125,15 @@ class MMSegBLVLoss(BLVLoss):
         if reduction == "mean":
             if avg_factor is None:
                 avg_factor = self._default_avg_factor(label, ignore_index)
-            elif not isinstance(avg_factor, torch.Tensor):  # mmseg's: >= 0 (0: nothing counted), then + eps
-                avg_factor = real("avg_factor", avg_factor, minimum=0.0)
+            elif not isinstance(avg_factor, torch.Tensor) and not torch.compiler.is_compiling():
+                avg_factor = real("avg_factor", avg_factor, minimum=0.0)  # mmseg's: >= 0 (0: nothing counted), + eps
             avg_factor = avg_factor + EPS
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
-        if isinstance(weight, torch.Tensor):
-            weight = weight.float()  # anything else is refused by the loss
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"weight (per position) must be a floating-point tensor, got {type(weight).__name__}")
+            weight = weight.float()
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
                        position_weight=weight, avg_factor=avg_factor)  # fmt: skip
         if self.training:
