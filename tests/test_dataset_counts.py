@@ -267,6 +267,7 @@ def test_save_counts_takes_integer_arrays_and_tensors(tmp_path):
     counter = ClassCounter(3)
     counter.update(torch.tensor([0, 0, 2, 2, 2, 2, 2, 2, 2]))
     for counts in (np.array([3, 0, 7], dtype=np.uint32), torch.tensor([3, 0, 7]), (3, 0, np.int64(7)), [3.0, 0, 7],
+                   [np.float32(3), torch.tensor(0), torch.tensor([7.0])],
                    counter.counts() + torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)):  # fmt: skip
         save_counts(counts, path)  # whole floats (ClassCounter's float64 counts) are written as integers
         assert load_counts(path) == [3, 0, 7]

@@ -201,7 +201,7 @@ def count_label_files(
     if isinstance(paths, (str, bytes, os.PathLike)):  # iterated, it would give one-character paths
         raise TypeError(f"paths must be a sequence of label files, got the single path {paths!r}: pass [path]")
     paths = [str(p) for p in paths]
-    repeated = [p for p, n in Counter(os.path.abspath(p) for p in paths).items() if n > 1]
+    repeated = [p for p, n in Counter(os.path.realpath(p) for p in paths).items() if n > 1]
     if repeated:
         raise ValueError(
             f"paths lists {len(repeated)} file(s) more than once, e.g. {repeated[0]}: each file counts once"
@@ -227,6 +227,10 @@ def count_label_files(
     return CountResult(total.tolist(), len(outcomes) - len(unreadable), out_of_range, unreadable)
 
 
+def _whole_float(value) -> bool:
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
 def _counts_problem(counts) -> str | None:
     """Why ``counts`` cannot be the counts file's list, or None: the one rule of :func:`save_counts`
     and :func:`load_counts`, a non-empty list of non-negative integers (Python or numpy; not bools)."""
@@ -250,8 +254,9 @@ def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """
     path = Path(path)
     values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
-    if isinstance(values, (list, tuple)):
-        values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
+    if isinstance(values, (list, tuple)):  # one-element tensors and whole floats (numpy's too) as ints
+        values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
+        values = [int(v) if _whole_float(v) else v for v in values]
     problem = _counts_problem(values)
     if problem is not None:
         raise ValueError(
