@@ -248,8 +248,9 @@ def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """Write counts as a JSON list of integers (what :func:`load_counts` and ``BLVLoss`` take).
 
     ``counts``: a list, tuple, numpy array or tensor of non-negative integers, or of whole-valued
-    floats (``ClassCounter.counts()`` without ``ema_decay``: float64), written as integers; anything else
-    :func:`load_counts` would refuse (fractions, negative numbers, no counts) raises ``ValueError``.
+    floats (``ClassCounter.counts()`` without ``ema_decay``: float64), written as integers;
+    anything else :func:`load_counts` would refuse (fractions, negative numbers, no counts) raises
+    ``ValueError``.
     Written to a temporary file beside ``path`` first, then renamed: never half a file.
     """
     path = Path(path)
