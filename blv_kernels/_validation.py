@@ -98,7 +98,7 @@ def check_avg_factor(avg_factor, reduction: str) -> None:
     elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
     elif not torch.compiler.is_compiling() and not (math.isfinite(avg_factor) and avg_factor > 0):
-        # (while torch.compile traces, a number may be symbolic: a branch on it would break the graph)
+        # (not while torch.compile traces: there a number may be symbolic, and a branch on it would break the graph)
         raise ValueError(f"avg_factor must be a finite number > 0 (the divisor of the sum), got {avg_factor!r}")
 
 

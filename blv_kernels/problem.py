@@ -53,8 +53,8 @@ class BLVProblem:
 def check_problem(problem: BLVProblem) -> None:
     """Raise unless ``problem`` is what ``blv_cross_entropy_from_weights`` builds: the checks of a
     call, and the forms the kernels read (float32 class vectors, contiguous; a 0-dim int64 seed and
-    a 0-dim float32 avg_factor on the logits' device). For the op's direct callers (``ops.py``);
-    metadata only, so it holds on fake tensors too."""
+    a 0-dim float32 avg_factor on the logits' device). For the op's direct callers (``ops.py``),
+    with concrete values (a symbolic offset is no int)."""
     p = problem
     check_loss_arguments(p.logits, p.target, p.variation_weight, p.class_weight, p.position_weight, p.reduction,
                          p.avg_factor)  # fmt: skip

@@ -125,7 +125,7 @@ class MMSegBLVLoss(BLVLoss):
         if reduction == "mean":
             if avg_factor is None:
                 avg_factor = self._default_avg_factor(label, ignore_index)
-            elif not isinstance(avg_factor, torch.Tensor) and not torch.compiler.is_compiling():
+            elif not isinstance(avg_factor, torch.Tensor) and not torch.compiler.is_compiling():  # (as the loss's)
                 avg_factor = real("avg_factor", avg_factor, minimum=0.0)  # mmseg's: >= 0 (0: nothing counted), + eps
             avg_factor = avg_factor + EPS
         else:
