@@ -237,8 +237,8 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
 def config_rows(max_classes: int = 8192) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
     C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
-    NCHW, channels_last and rows (Triton 3.6 lays the last two out otherwise); the default options
-    (no weights, no label smoothing, the mean)."""
+    NCHW, channels_last and rows (strided positions take more registers for their addresses);
+    the default options (no weights, no label smoothing, the mean)."""
 
     def case(layout: str, num_classes: int, dtype: torch.dtype) -> Case:
         return Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)

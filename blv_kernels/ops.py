@@ -74,7 +74,7 @@ def _check_call(problem: BLVProblem, backend: str) -> None:
     """The op is public (``torch.ops.blv_kernels.fused_blv_cross_entropy``): a direct call gets the
     checks of ``blv_cross_entropy_from_weights``, so that no kernel reads out of bounds. In the op
     itself, with the values a compiled graph passes at run time (its fake sees symbolic offsets and
-    labels); metadata only, a few microseconds (eager training calls ``_EagerFusedLoss``, which
+    ignore indices); metadata only, a few microseconds (eager training calls ``_EagerFusedLoss``, which
     skips the op)."""
     chosen = get_backend(backend)
     if not chosen.fused:

@@ -613,11 +613,10 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   take more registers for their addresses: under Triton 3.6, 6 groups a thread take 150 at
 #   C = 81-96 uncapped and spill 8 B at C = 41 capped at 128; with a cap of 128 and at most 5
 #   groups a thread, no configuration spills (the static report's --all-configs, default options)
-#   under 3.6 or 3.9. With class and position
-#   weights, label smoothing and reduction "none", C = 161 NCHW fp32 spills 8 B uncapped. Above
-#   16 x 24 = 384 classes (320 strided): two sweeps over chunks of CHUNK_GROUPS groups, one
-#   position a thread (65536 x 1000 rows, chunks of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the
-#   last spilling 312 B).
+#   under 3.6 or 3.9. With class and position weights, label smoothing and reduction "none",
+#   C = 161 NCHW fp32 spills 8 B uncapped. Above 16 x 24 = 384 classes (320 strided): two
+#   sweeps over chunks of CHUNK_GROUPS groups, one position a thread (65536 x 1000 rows, chunks
+#   of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the last spilling 312 B).
 # Register caps: 128 for the two sweeps (uncapped, ptxas takes 48 at C = 1000 and issues 92.5);
 # 112 for a row in one thread (at 19 classes it takes 80 uncapped, with fewer instructions, but
 # the cap bounds the registers whatever ptxas the card has: the GPU sweep decides); none for NCHW
