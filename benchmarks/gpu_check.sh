@@ -103,7 +103,7 @@ if [[ $MODE == --sweep ]]; then  # kernel_config's choice and CUDA C++ on every 
     echo "GPU sweep: $([[ $FAILED -eq 0 ]] && echo passed || echo FAILED) (results in $OUT)"
     exit "$FAILED"
 fi
-run_stage tests "$(cap $TESTS_MAX 180)" "$PY" -m pytest "${TESTS[@]}" -x -q -rs
+run_stage tests "$(cap $TESTS_MAX 180)" "$PY" -m pytest "${TESTS[@]}" --maxfail=20 -q -rs
 if command -v compute-sanitizer >/dev/null; then  # out-of-bounds and misaligned accesses of both fused backends
     run_stage memcheck "$(cap $MEMCHECK_MAX 150)" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -c "
 import torch
