@@ -13,8 +13,9 @@ per SM, thread-instructions per element and the model's predicted H100 time (sta
 spills as the card's compiler gives them; one that spills is not timed), checked against
 ``kernel_config``'s result, and its step (label pass, loss pass with the gradient, the backward's
 scaling with grad_output 1) is timed replayed in a CUDA graph, so that no host overhead is in the
-time; the CUDA C++ backend's step and the copy floor are timed the same way in the same run.
-First every case's ``kernel_config`` choice and CUDA C++ (what ``auto`` decides between), then the
+time; the CUDA C++ backend's step, F.cross_entropy's (no BLV) and the copy floor are timed the
+same way in the same run. First every case's ``kernel_config`` choice, CUDA C++ (what ``auto``
+decides between) and F.cross_entropy, then the
 variants, case by case, until ``--budget-s``; ``sweep.json`` is rewritten after every row.
 """
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from blv_kernels import class_weights, noise
 from blv_kernels.backends import get_backend
@@ -84,6 +86,9 @@ def candidates(num_classes: int, positions_contiguous: bool = True) -> list[tk.K
     return list(dict.fromkeys([chosen, *variants]))
 
 
+BASELINES = {"cuda": "CUDA C++", "cross_entropy": "F.cross_entropy (no BLV)"}  # the rows without a Triton config
+
+
 def describe(config: tk.KernelConfig) -> str:
     held_by = "a thread" if config.block_p == 32 * config.num_warps else "the warps"
     blocks = (f"one pass {config.main_groups}+{config.tail_groups} groups, a row over {held_by}" if config.main_groups
@@ -94,8 +99,9 @@ def describe(config: tk.KernelConfig) -> str:
 def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:
     """The fields that say which row this is, on every row whatever its outcome."""
     chosen = tk.kernel_config(case.num_classes, case.positions_contiguous)
+    description = describe(config) if config is not None else BASELINES[backend]
     return {"case": case.name, "backend": backend, "config": None if config is None else config._asdict(),
-            "description": "CUDA C++" if config is None else describe(config), "chosen": config == chosen}  # fmt: skip
+            "description": description, "chosen": config == chosen}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- static
@@ -147,6 +153,17 @@ def step(backend: str, problem, grad_output: torch.Tensor, config: tk.KernelConf
     return run
 
 
+def cross_entropy_step(problem):
+    """PyTorch's own fused cross-entropy (no BLV) forward and backward on the same logits and labels."""
+    logits = problem.logits.detach().requires_grad_(True)
+
+    def run():
+        loss = F.cross_entropy(logits, problem.target, ignore_index=problem.ignore_index)
+        return torch.autograd.grad(loss, logits)[0]
+
+    return run
+
+
 def graph_ms(fn, *, retries: int = 10) -> list[float]:
     """Median and 20%/80% quantiles (over ``retries`` replays) of one call of ``fn`` in a CUDA graph
     of as many calls as fill ``GRAPH_REP_MS``: kernels only, no host overhead. Our own, not
@@ -189,7 +206,8 @@ def agrees(grad: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def measure(backend: str, case, problem, grad_output, config=None, expected=None) -> dict:
-    """One row: a Triton candidate (``config``) or the CUDA C++ backend, checked, then timed."""
+    """One row: a Triton candidate (``config``), the CUDA C++ backend or F.cross_entropy (timed only),
+    checked, then timed."""
     row = identity(case, backend, config)
     # a Triton candidate: one launch of its loss pass compiles it, with the card's registers and
     # spills (None: interpreted)
@@ -200,9 +218,9 @@ def measure(backend: str, case, problem, grad_output, config=None, expected=None
         row.update(registers=getattr(compiled, "n_regs", None), spill_bytes=getattr(compiled, "n_spills", None))
         if row["spill_bytes"]:
             return {**row, "status": "skipped", "reason": f"spills {row['spill_bytes']} B"}
-    run = step(backend, problem, grad_output, config)
+    run = cross_entropy_step(problem) if backend == "cross_entropy" else step(backend, problem, grad_output, config)
     grad = run()
-    if expected is not None and not agrees(grad, expected):
+    if expected is not None and backend != "cross_entropy" and not agrees(grad, expected):
         difference = (grad.float() - expected.float()).abs().max().item()
         return {**row, "status": "failed", "reason": f"gradient differs from kernel_config's by up to {difference:.3g}"}
     ms = graph_ms(run)
@@ -223,14 +241,14 @@ def measured_rows(cases: list[static_report.Case], device: torch.device, budget_
     for sweep in ("baseline", "variants"):
         for case in cases:
             chosen, *variants = candidates(case.num_classes, case.positions_contiguous)
-            todo = [chosen, None] if sweep == "baseline" else variants
+            todo = [chosen, "cuda", "cross_entropy"] if sweep == "baseline" else variants
             # the case's inputs and reference gradient (a compile) only while there is budget for a row
             problem = grad_output = expected = None
             if not over_budget():
                 problem, grad_output = device_problem(case, device)
                 expected = step("triton", problem, grad_output)().clone()
             for config in todo:
-                backend = "cuda" if config is None else "triton"
+                backend, config = (config, None) if isinstance(config, str) else ("triton", config)
                 row = identity(case, backend, config)
                 if backend == "cuda" and cuda_problem is not None:
                     row.update(status="skipped", reason=cuda_problem)
@@ -262,15 +280,18 @@ def progress_line(row: dict) -> str:
 
 def summary(results: list[dict]) -> str:
     """Per case: kernel_config's choice, the fastest Triton candidate, CUDA C++, the copy floor."""
-    lines = [f"{'case':30} {'floor ms':>8} {'chosen ms':>9} {'best ms':>8} {'CUDA C++':>8}  best Triton candidate"]
+    lines = [
+        f"{'case':30} {'floor ms':>8} {'chosen ms':>9} {'best ms':>8} {'CUDA C++':>8} {'F.ce':>8}  best Triton candidate"
+    ]
     for name in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == name]
         timed = [r for r in rows if r["status"] == "ok" and r["backend"] == "triton"]
         chosen = next((r["ms"] for r in timed if r["chosen"]), math.nan)
         best = min(timed, key=lambda r: r["ms"], default=None)
-        cuda = next((r["ms"] for r in rows if r["backend"] == "cuda" and r["status"] == "ok"), math.nan)
+        cuda, cross_entropy = (next((r["ms"] for r in rows if r["backend"] == b and r["status"] == "ok"), math.nan)
+                               for b in ("cuda", "cross_entropy"))  # fmt: skip
         lines.append(f"{name:30} {rows[0]['floor_ms']:8.3f} {chosen:9.3f} {best['ms'] if best else math.nan:8.3f} "
-                     f"{cuda:8.3f}  {best['description'] if best else '-'}")  # fmt: skip
+                     f"{cuda:8.3f} {cross_entropy:8.3f}  {best['description'] if best else '-'}")  # fmt: skip
     return "\n".join(lines)
 
 
