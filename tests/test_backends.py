@@ -1,6 +1,7 @@
 """Every fused backend against the reference on the shared grid (tests/grid.py), plus the
 backend table: resolution, errors, and what ``backend="auto"`` picks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -18,7 +19,7 @@ from grid import (
     make_inputs,
 )
 
-from blv_kernels import blv_cross_entropy
+from blv_kernels import backends, blv_cross_entropy
 from blv_kernels.backends import BACKENDS, resolve_backend
 
 FUSED = [name for name, backend in BACKENDS.items() if backend.fused]
@@ -59,6 +60,33 @@ def test_auto_picks_triton_on_cuda_and_the_cpu_kernel_on_the_cpu():
     x = torch.randn(2, 3, device=DEVICE)
     assert resolve_backend("auto", x).name == expected
     assert resolve_backend("auto", x.double()).name == "reference"
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, wide_rows",
+    [((4, 321), False, True), ((4, 320), False, False), ((2, 321, 3, 3), False, False),
+     ((2, 321, 3, 3), True, True), ((2, 321, 1, 1), False, True)],
+    ids=["rows-321", "rows-320", "nchw-321", "channels_last-321", "nchw-1x1-321"],
+)  # fmt: skip
+def test_auto_puts_cuda_cpp_first_where_the_classes_are_contiguous_and_many(shape, channels_last, wide_rows,
+                                                                           monkeypatch):  # fmt: skip
+    # the measured rule (backends.AUTO_ORDER's comment), on any machine: both fused backends made
+    # available for CPU tensors, which auto then orders as it orders CUDA tensors
+    for name in ("triton", "cuda"):
+        runs_here = dataclasses.replace(BACKENDS[name], device_types=("cpu",), unavailable=lambda device_type: None)
+        monkeypatch.setitem(BACKENDS, name, runs_here)
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", backends.AUTO_ORDER["cuda"])
+    monkeypatch.setitem(backends.AUTO_ORDER_WIDE_ROWS, "cpu", backends.AUTO_ORDER_WIDE_ROWS["cuda"])
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert resolve_backend("auto", x).name == ("cuda" if wide_rows else "triton")
+
+
+def test_auto_picks_cuda_cpp_for_many_contiguous_classes_on_cuda():
+    skip_unless_runs("cuda", device="cuda" if HAS_CUDA else "cpu")
+    assert resolve_backend("auto", torch.randn(64, 1000, device="cuda")).name == "cuda"
+    assert resolve_backend("auto", torch.randn(2, 1000, 3, 3, device="cuda")).name == "triton"
 
 
 def test_unknown_backend_is_named():

@@ -13,6 +13,7 @@ from blv_kernels import noise
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from blv_kernels.backends import STRIDED_ONE_PASS_MAX_CLASSES  # noqa: E402
 from blv_kernels.backends import triton_kernel as tk  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -89,6 +90,13 @@ def test_kernel_config_covers_every_class_count(positions_contiguous):
         else:  # two sweeps, one position a thread
             assert config.block_p % (32 * warps) == 0 and config.chunk_groups > 0, where
             assert groups > per_thread * tk.ROW_WARPS[-1], where
+
+
+def test_auto_knows_where_strided_positions_take_two_sweeps():
+    # backend="auto" puts CUDA C++ first above STRIDED_ONE_PASS_MAX_CLASSES contiguous classes
+    # (measured: Triton's two sweeps over strided rows); the limit must be kernel_config's
+    limit = STRIDED_ONE_PASS_MAX_CLASSES
+    assert tk.kernel_config(limit, False).chunk_groups == 0 < tk.kernel_config(limit + 1, False).chunk_groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -87,7 +87,14 @@ BACKENDS: dict[str, Backend] = {
     )
 }  # fmt: skip
 # What backend="auto" tries, in order, for logits on each device type; the reference is the last resort.
+# On a GPU, from the H100 sweep (benchmarks/RESULTS.md, 2026-11-27; fwd+bwd kernels replayed in a
+# CUDA graph): Triton first (8 x C x 512 x 512(1024) NCHW fp32, C = 19 / 150 / 171: 0.32 / 3.14 /
+# 1.67 ms against CUDA C++'s 0.60 / 4.62 / 2.42), but CUDA C++ first where the classes are
+# contiguous and more than Triton's one pass holds (STRIDED_ONE_PASS_MAX_CLASSES): Triton's two
+# sweeps then read each row in 32-byte pieces 4 kB apart (65536 x 1000 rows: 1.40 ms against 0.36).
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+AUTO_ORDER_WIDE_ROWS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+STRIDED_ONE_PASS_MAX_CLASSES = 320  # triton_kernel.kernel_config: 16 warps x 5 groups of four
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -104,15 +111,17 @@ def get_backend(name: str) -> Backend:
 
 def resolve_backend(name: str, logits: torch.Tensor) -> Backend:
     """The backend that computes a loss of ``logits``: ``name``, or for ``"auto"`` the first of
-    ``AUTO_ORDER`` that can, else the reference (with a one-time warning on the CPU, where the
-    compiled kernel is missing). Raises when the named backend cannot."""
-    return BACKENDS[_resolve(name, logits.device.type, logits.dtype)]
+    ``AUTO_ORDER`` (``AUTO_ORDER_WIDE_ROWS`` for more than STRIDED_ONE_PASS_MAX_CLASSES contiguous
+    classes) that can, else the reference (with a one-time warning on the CPU, where the compiled
+    kernel is missing). Raises when the named backend cannot."""
+    wide_rows = logits.dim() >= 2 and logits.stride(1) == 1 and logits.shape[1] > STRIDED_ONE_PASS_MAX_CLASSES
+    return BACKENDS[_resolve(name, logits.device.type, logits.dtype, wide_rows)]
 
 
 @torch._dynamo.assume_constant_result  # torch.compile calls it while tracing and keeps the answer
-def _resolve(name: str, device_type: str, dtype: torch.dtype) -> str:
+def _resolve(name: str, device_type: str, dtype: torch.dtype, wide_rows: bool) -> str:
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ()):
+        for candidate in (AUTO_ORDER_WIDE_ROWS if wide_rows else AUTO_ORDER).get(device_type, ()):
             if BACKENDS[candidate].why_not(device_type, dtype) is None:
                 return candidate
         if device_type == "cpu" and dtype != torch.float64:
