@@ -1171,9 +1171,15 @@ LANES_PER_SM = 128  # 4 SMSPs, each issuing one warp instruction (32 threads) pe
 H100_CLOCK_HZ = 1.755e9  # the SM clock the model (and its calibration) assumes under load
 H100_ISSUE_RATE = H100_SMS * LANES_PER_SM * H100_CLOCK_HZ  # 29.65e12 thread-instructions/s
 H100_COPY_BANDWIDTH = 3.0e12  # bytes/s of a streaming copy, the memory floor (HBM3 peaks at 3.35e12)
-# Issue efficiency measured on an H100 for a class-chunked kernel like ours (num_classes ->
-# measured rate / issue rate); predictions with it came within 0.8-1.25 of the measurements.
-EFFICIENCY_CALIBRATION = {19: 0.53, 150: 0.71}
+# Issue efficiency (measured rate / issue rate) of our Triton step (label pass, loss pass with
+# the gradient, the backward's scaling), measured on an H100 80GB HBM3 (2026-11-27, Triton 3.6,
+# kernels replayed in a CUDA graph; benchmarks/RESULTS.md), fp32 / bf16 NCHW: 8x19x512x1024
+# 0.51 / 0.62, 16x150x512x512 0.46 / 0.55, 8x171x512x512 0.51 / 0.58. The values are the middle
+# of each range (C = 171 takes C = 150's): the NCHW times are 0.89-1.13x the predictions, fp32
+# slower than predicted and bf16 faster (fp32's twice the bytes compete with the issue). The
+# model counts instructions, not access patterns: 65536x1000 rows, whose two sweeps read rows
+# 4 kB apart in 32-byte pieces, took 3.3-3.6x the prediction (0.15 efficiency).
+EFFICIENCY_CALIBRATION = {19: 0.56, 150: 0.52}
 
 
 def calibrated_efficiency(num_classes: int) -> float:

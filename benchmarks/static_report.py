@@ -10,10 +10,10 @@ multiples of 16 are marked so), walks the SASS of one program with ``benchmarks/
 reports per kernel and for the whole step: registers, spills, resident blocks per SM, dynamic
 thread-instructions per logical element by class, bytes per element, and the predicted H100
 time. **Static estimates, not measurements**: the model is ``sass.predict`` (132 SMs x 128
-lanes x 1.755 GHz issue, 3.0 TB/s), with the issue efficiency calibrated on H100 measurements of
-a similar class-chunked kernel (0.53 at C = 19, 0.71 at C = 150; predictions within 0.8-1.25 of
-those measurements). ``benchmarks/gpu_check.sh`` prints it beside the measured times, so that
-the model can be recalibrated whenever a GPU runs.
+lanes x 1.755 GHz issue, 3.0 TB/s), with the issue efficiency calibrated on this kernel's H100
+times (0.56 at C = 19, 0.52 at C = 150; NCHW times 0.89-1.13x the predictions, (N, C) rows of
+1000 classes 3.3-3.6x: ``sass.EFFICIENCY_CALIBRATION``). ``benchmarks/gpu_check.sh`` prints it
+beside the measured times, so that the model can be recalibrated whenever a GPU runs.
 
 Assumptions of the walk (per program): sigma = 6, so the polynomial erfinv (threshold <= 0.7)
 runs; the mean reduction, no class or position weights, no label smoothing, int64 labels; the
