@@ -77,6 +77,7 @@ def plot_loss(data: dict, out_dir: Path) -> str:
         bar = 0.8 / len(providers)
         for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
             cases = [c for c in data["cases"] if c["dtype"] == dtype]
+            timed = False
             for i, provider in enumerate(providers):
                 offset = (i - (len(providers) - 1) / 2) * bar
                 for x, case in enumerate(cases):
@@ -89,11 +90,12 @@ def plot_loss(data: dict, out_dir: Path) -> str:
                     if field == "ms":
                         errors = [[row["ms"] - row["ms_p20"]], [row["ms_p80"] - row["ms"]]]
                     ax.bar(x + offset, row[field], bar, yerr=errors, color=colors[provider])
+                    timed = True
             ax.set_xticks(range(len(cases)), [_case_label(c) for c in cases], fontsize=FONT_SIZE - 1)
             ax.tick_params(axis="y", labelsize=FONT_SIZE - 1)
             ax.set_ylabel(f"{dtype}: {ylabel}", fontsize=FONT_SIZE)
             ax.set_xlim(-0.6, most_cases - 0.4)  # the same bar width in every panel
-            if log:
+            if log and timed:  # a log scale of a panel with no bar has no range (matplotlib raises)
                 ax.set_yscale("log")
             ax.grid(axis="y", alpha=0.3)
         handles = [plt.Rectangle((0, 0), 1, 1, color=colors[p]) for p in providers]
