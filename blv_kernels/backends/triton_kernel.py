@@ -619,9 +619,17 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the last spilling 312 B).
 # Register caps: 128 for the two sweeps (uncapped, ptxas takes 48 at C = 1000 and issues 92.5);
 # 112 for a row in one thread (at 19 classes it takes 80 uncapped, with fewer instructions, but
-# the cap bounds the registers whatever ptxas the card has: the GPU sweep decides); none for NCHW
-# rows over warps, which take <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and
-# 161-192). 128 registers a thread keep 16 warps per SM.
+# ran slower on the card: below); none for NCHW rows over warps, which take <= 128 uncapped (a
+# cap of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
+# Measured on an H100 80GB HBM3 (2026-11-27, Triton 3.6; benchmarks/sweep.py: the step's kernels
+# replayed in a CUDA graph; benchmarks/RESULTS.md), ms:
+#   8 x 19 x 512 x 1024 fp32, 4 warps: cap 112 0.323, 96 0.304, 128 0.322, none (80) 0.358;
+#     2 and 8 warps no faster. 96 is not taken: it spills 8-32 B from C = 13 with class and
+#     position weights, label smoothing and "none", and 8 B at C = 21 bf16 under Triton 3.9.
+#   8 x 19 x 512 x 1024 bf16 0.274; 16 x 150 x 512 x 512 fp32 / bf16 3.135 / 2.718 (W = 8);
+#     8 x 171 x 512 x 512 1.672 / 1.520 (W = 8): their variants were not reached.
+#   65536 x 1000 rows, two sweeps: 1.400 / 1.342, against CUDA C++'s 0.361 / 0.352, which
+#     backend="auto" takes there (backends.AUTO_ORDER_WIDE_ROWS).
 ONE_THREAD_MAX_GROUPS = 6
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
