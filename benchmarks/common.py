@@ -201,6 +201,24 @@ def host_loop(fn, *, reps: int, warmup: int, grad_to_none=(), device: torch.devi
     return quantiles(times)
 
 
+def host_ms(fn, *, device: torch.device, grad_to_none=(), calls: int = 20) -> float | None:
+    """The host's own time per call of ``fn`` on a GPU (None elsewhere): ``calls`` calls back to
+    back, synchronized before the first and after the last only, so the launches queue up and the
+    host does not wait for the device, unless ``fn`` synchronizes (which then shows). Set beside
+    the device-timed median, it says whether a call is host-bound."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        for t in grad_to_none:
+            t.grad = None
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed * 1e3 / calls
+
+
 def quantiles(times: list[float]) -> list[float]:
     """The ``QUANTILES`` of ``times`` (median, 20%, 80%)."""
     return torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()

@@ -42,6 +42,7 @@ from .common import (
     copy_bandwidth,
     environment,
     host_loop,
+    host_ms,
     log,
     out_dir_problem,
     peak_extra_memory,
@@ -96,7 +97,7 @@ RELEASED_REPS = 3
 PASSES = ("fwd", "fwd_bwd")
 RESULT_FIELDS = (
     "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer",
-    "ms", "ms_p20", "ms_p80", "bytes", "gbps", "pct_copy_bandwidth", "floor_ms",
+    "ms", "ms_p20", "ms_p80", "host_ms", "bytes", "gbps", "pct_copy_bandwidth", "floor_ms",
     "peak_extra_bytes", "peak_extra_vs_logits", "speedup_vs_cross_entropy",
 )  # fmt: skip
 
@@ -208,15 +209,18 @@ def run_case(provider: str, case: dict, loss_fn, logits, target, args, device, c
     logits_bytes = logits.numel() * logits.element_size()
     rows = []
     for pass_, fn in passes.items():
+        host = None
         if provider == "released":
             ms, timer = host_loop(fn, reps=RELEASED_REPS, warmup=1, grad_to_none=[logits], device=device), "host loop"
         else:
             ms, timer = bench(fn, device=device, grad_to_none=[logits], reps=args.reps)
+            host = host_ms(fn, device=device, grad_to_none=[logits])
         peak = peak_extra_memory(fn, device, grad_to_none=[logits])
         gbps = floor_bytes(case, pass_) / ms[0] / 1e6
         rows.append(
             record(
-                provider, case, pass_, copy_gbps, "ok", timer=timer, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], gbps=gbps,
+                provider, case, pass_, copy_gbps, "ok", timer=timer, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2],
+                host_ms=host, gbps=gbps,
                 pct_copy_bandwidth=100 * gbps / copy_gbps, peak_extra_bytes=peak,
                 peak_extra_vs_logits=None if peak is None else peak / logits_bytes,
             )
@@ -335,7 +339,8 @@ def progress_line(rows: list[dict]) -> str:
     what = f"  {case:<24} {'x'.join(map(str, fwd['shape'])):<16} {PROVIDERS[fwd['provider']].label:<18}"
     if fwd_bwd["status"] != "ok":
         return f"{what} {fwd_bwd['status']}: {fwd_bwd['reason']}"
-    return f"{what} fwd {fwd['ms']:.3f} ms, fwd+bwd {fwd_bwd['ms']:.3f} ms"
+    host = "" if fwd_bwd["host_ms"] is None else f" (host {fwd['host_ms']:.3f} / {fwd_bwd['host_ms']:.3f} ms a call)"
+    return f"{what} fwd {fwd['ms']:.3f} ms, fwd+bwd {fwd_bwd['ms']:.3f} ms{host}"
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Spelled out here, not read from the module: a provider or field the code stops emitting must fail.
 PROVIDERS = ("cross_entropy", "reference", "reference_compile", "released", "triton", "cuda", "cpu")
 LOSS_FIELDS = {
-    "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer", "ms", "ms_p20", "ms_p80",
+    "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer", "ms", "ms_p20", "ms_p80", "host_ms",
     "bytes", "gbps", "pct_copy_bandwidth", "floor_ms", "peak_extra_bytes", "peak_extra_vs_logits",
     "speedup_vs_cross_entropy",
 }  # fmt: skip
@@ -70,7 +71,7 @@ def test_cpu_providers_are_timed(loss_run, provider):
         assert row["status"] == "ok", row["reason"]
         assert 0 < row["ms_p20"] <= row["ms"] <= row["ms_p80"]
         assert row["gbps"] > 0 and row["pct_copy_bandwidth"] > 0 and row["speedup_vs_cross_entropy"] > 0
-        assert row["peak_extra_bytes"] is None  # the CPU has no peak-memory counter
+        assert row["peak_extra_bytes"] is None and row["host_ms"] is None  # GPU-only measurements
     fwd_bwd_bytes = {r["case"] + r["dtype"]: r["bytes"] for r in data["results"] if r["pass"] == "fwd_bwd"}
     fwd_bytes = {r["case"] + r["dtype"]: r["bytes"] for r in data["results"] if r["pass"] == "fwd"}
     assert all(fwd_bwd_bytes[k] > fwd_bytes[k] for k in fwd_bytes)  # the gradient is written
@@ -117,6 +118,22 @@ def test_plots_take_a_dtype_with_nothing_timed(loss_run, tmp_path):
     assert plots.plot_loss({**data, "results": results}, tmp_path).startswith("wrote")
     for name in ("loss_time.png", "loss_bandwidth.png"):
         assert _png_size(tmp_path / name)[0] > 0
+
+
+def test_host_ms_times_back_to_back_calls_without_waiting_for_the_device(monkeypatch):
+    # on a GPU: synchronized around the calls only, each call's gradient cleared first
+    syncs, grads_seen = [], []
+    monkeypatch.setattr(common, "synchronize", lambda device: syncs.append(len(grads_seen)))
+    x = torch.zeros(3, requires_grad=True)
+
+    def call():
+        grads_seen.append(x.grad)
+        x.grad = torch.ones(3)
+        time.sleep(0.002)
+
+    ms = common.host_ms(call, device=torch.device("cuda"), grad_to_none=[x], calls=5)
+    assert syncs == [0, 5] and grads_seen == [None] * 5 and 2 <= ms < 50
+    assert common.host_ms(call, device=torch.device("cpu")) is None
 
 
 def test_missing_backend_is_reported_as_skipped(tmp_path, monkeypatch):
