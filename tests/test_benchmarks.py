@@ -77,6 +77,15 @@ def test_cpu_providers_are_timed(loss_run, provider):
     assert all(fwd_bwd_bytes[k] > fwd_bytes[k] for k in fwd_bytes)  # the gradient is written
 
 
+def test_slow_providers_run_after_every_case_of_the_fast_ones(loss_run):
+    # so that a budget cut short loses the reference's rows, not the fused kernels'
+    _, data = loss_run
+    order = [r["provider"] for r in data["results"]]
+    last_fast = max(i for i, p in enumerate(order) if p in ("cross_entropy", "triton", "cuda", "cpu"))
+    first_slow = min(i for i, p in enumerate(order) if p in ("reference", "released"))
+    assert last_fast < first_slow < order.index("reference_compile")
+
+
 def test_gpu_providers_are_skipped_with_a_reason(loss_run):
     _, data = loss_run
     for provider in ("triton", "cuda"):
