@@ -15,8 +15,8 @@ spills as the card's compiler gives them; one that spills is not timed), checked
 scaling with grad_output 1) is timed replayed in a CUDA graph, so that no host overhead is in the
 time; the CUDA C++ backend's step, F.cross_entropy's (no BLV) and the copy floor are timed the
 same way in the same run. First every case's ``kernel_config`` choice, CUDA C++ (what ``auto``
-decides between) and F.cross_entropy, then the
-variants, case by case, until ``--budget-s``; ``sweep.json`` is rewritten after every row.
+decides between) and F.cross_entropy, then the variants, case by case, until ``--budget-s``;
+``sweep.json`` is rewritten after every row.
 """
 
 from __future__ import annotations
