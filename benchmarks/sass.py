@@ -1177,8 +1177,8 @@ H100_COPY_BANDWIDTH = 3.0e12  # bytes/s of a streaming copy, the memory floor (H
 # 0.51 / 0.62, 16x150x512x512 0.46 / 0.55, 8x171x512x512 0.51 / 0.58. The values are the middle
 # of each range (C = 171 takes C = 150's): the NCHW times are 0.89-1.13x the predictions, fp32
 # slower than predicted and bf16 faster (fp32's twice the bytes compete with the issue). The
-# model counts instructions, not access patterns: 65536x1000 rows, whose two sweeps read rows
-# 4 kB apart in 32-byte pieces, took 3.3-3.6x the prediction (0.15 efficiency).
+# model counts instructions, not latency or access patterns: 65536x1000 rows (two sweeps, a
+# thread walking its row 8 classes at a time) took 3.3-3.6x the prediction (0.15 efficiency).
 EFFICIENCY_CALIBRATION = {19: 0.56, 150: 0.52}
 
 

@@ -90,8 +90,9 @@ BACKENDS: dict[str, Backend] = {
 # On a GPU, from the H100 sweep (benchmarks/RESULTS.md, 2026-11-27; fwd+bwd kernels replayed in a
 # CUDA graph): Triton first (8 x C x 512 x 512(1024) NCHW fp32, C = 19 / 150 / 171: 0.32 / 3.14 /
 # 1.67 ms against CUDA C++'s 0.60 / 4.62 / 2.42), but CUDA C++ first where the classes are
-# contiguous and more than Triton's one pass holds (STRIDED_ONE_PASS_MAX_CLASSES): Triton's two
-# sweeps then read each row in 32-byte pieces 4 kB apart (65536 x 1000 rows: 1.40 ms against 0.36).
+# contiguous and more than Triton's one pass holds (STRIDED_ONE_PASS_MAX_CLASSES): there a Triton
+# thread walks its row 8 classes at a time, twice (a warp's load touches 32 rows 4 kB apart), and
+# CUDA C++ holds the row in a warp's registers (65536 x 1000 rows: 1.40 ms against 0.36).
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 AUTO_ORDER_WIDE_ROWS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 STRIDED_ONE_PASS_MAX_CLASSES = 320  # triton_kernel.kernel_config: 16 warps x 5 groups of four
