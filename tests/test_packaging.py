@@ -38,7 +38,7 @@ DIST_INFO = f"blv_kernels-{blv_kernels.__version__}.dist-info"
 
 
 def _repo_files(folder: str, pattern: str) -> set[str]:
-    return {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / folder).glob(pattern)}
+    return {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / folder).glob(pattern) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ def test_sigma_zero_is_exactly_cross_entropy(shape, reduction, with_weight, rng)
         logits, target, class_counts=counts, sigma=0.0, seed=1, weight=weight, ignore_index=7, reduction=reduction
     )
     plain = F.cross_entropy(logits, target, weight=weight, ignore_index=7, reduction=reduction)
-    assert torch.equal(ref, plain)
+    # bit for bit; the mean over labels that are all ignored (a few of 6 drawn) is NaN in both
+    torch.testing.assert_close(ref, plain, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
