@@ -62,7 +62,9 @@ def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:
 def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch):
     # the sweep must time only kernels that compute the loss: each blocking, through the public entry
     for config in _distinct_blockings(case.shape[1]):
-        monkeypatch.setattr(tk, "kernel_config", lambda num_classes, positions_contiguous=True, config=config: config)
+        monkeypatch.setattr(
+            tk, "kernel_config", lambda num_classes, positions_contiguous=True, extras=False, config=config: config
+        )
         check_matches_reference("triton", case, rng)
 
 

@@ -5,6 +5,8 @@ The loss and gradient against the reference are in test_backends.py (the shared 
 compiled code's registers, spills and instruction budget in test_static_report.py.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from blv_kernels import noise
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from benchmarks import static_report  # noqa: E402
 from blv_kernels.backends import STRIDED_ONE_PASS_MAX_CLASSES  # noqa: E402
 from blv_kernels.backends import triton_kernel as tk  # noqa: E402
 
@@ -80,6 +83,8 @@ def test_kernel_config_covers_every_class_count(positions_contiguous):
             assert tail & (tail - 1) == 0, where
             if config.block_p == 32 * warps:  # one position a thread, padded to the next multiple of 4
                 assert groups <= tk.ONE_THREAD_MAX_GROUPS and (groups <= main + tail < 2 * groups or groups == 1), where
+                assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS else 112), where  # measured
+                assert tk.kernel_config(num_classes, positions_contiguous, extras=True) == config._replace(maxnreg=112)
             else:  # 32 positions, their rows over the fewest warps that leave a thread <= per_thread groups
                 assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS and warps in tk.ROW_WARPS, where
                 assert main >= warps and (tail == 0 or tail >= warps), where  # no tile smaller than the warps
@@ -90,6 +95,19 @@ def test_kernel_config_covers_every_class_count(positions_contiguous):
         else:  # two sweeps, one position a thread
             assert config.block_p % (32 * warps) == 0 and config.chunk_groups > 0, where
             assert groups > per_thread * tk.ROW_WARPS[-1], where
+
+
+def test_the_loss_pass_takes_the_lean_register_cap_only_without_extras():
+    # 96 registers ran faster on the card, but spill with position weights, smoothing or "none"
+    problem, scalar = static_report.meta_problem(static_report.Case((2, 19, 8, 8), torch.float32, "nchw"))
+
+    def cap(**change):
+        changed = dataclasses.replace(problem, **change)
+        return tk.loss_launch(changed, tk.Addressed.of(changed, compute_grad=True), scalar).maxnreg
+
+    meta = dict(dtype=torch.float32, device="meta")
+    assert cap() == cap(class_weight=torch.empty(19, **meta)) == 96
+    assert cap(position_weight=torch.empty(2, 8, 8, **meta)) == cap(label_smoothing=0.1) == cap(reduction="none") == 112
 
 
 def test_auto_knows_where_strided_positions_take_two_sweeps():

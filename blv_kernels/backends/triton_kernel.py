@@ -618,19 +618,23 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   sweeps over chunks of CHUNK_GROUPS groups, one position a thread (65536 x 1000 rows, chunks
 #   of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the last spilling 312 B).
 # Register caps: 128 for the two sweeps (uncapped, ptxas takes 48 at C = 1000 and issues 92.5);
-# 112 for a row in one thread (at 19 classes it takes 80 uncapped, with fewer instructions, but
-# ran slower on the card: below); none for NCHW rows over warps, which take <= 128 uncapped (a
-# cap of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
+# for a row in one thread 96 (20 warps an SM) up to LEAN_MAX_GROUPS groups without the extras
+# (position weights, label smoothing, a loss per position), else 112 (16 warps): 96 ran 6%
+# faster on the card (below), but spills 8-32 B with the extras from C = 13 and 8 B at 6 groups
+# (C = 21 bf16, Triton 3.9). Uncapped, ptxas takes 80 at 19 classes, with fewer instructions,
+# and ran slower still. With every extra at once the row in one thread spills 8-16 B at 112
+# (8 B at 128) from C = 13. None for NCHW rows over warps, which take <= 128 uncapped (a cap of
+# 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
 # Measured on an H100 80GB HBM3 (2026-11-27, Triton 3.6; benchmarks/sweep.py: the step's kernels
 # replayed in a CUDA graph; benchmarks/RESULTS.md), ms:
 #   8 x 19 x 512 x 1024 fp32, 4 warps: cap 112 0.323, 96 0.304, 128 0.322, none (80) 0.358;
-#     2 and 8 warps no faster. 96 is not taken: it spills 8-32 B from C = 13 with class and
-#     position weights, label smoothing and "none", and 8 B at C = 21 bf16 under Triton 3.9.
+#     2 and 8 warps no faster (bf16's variants were not reached: 96 is taken for it untimed).
 #   8 x 19 x 512 x 1024 bf16 0.274; 16 x 150 x 512 x 512 fp32 / bf16 3.135 / 2.718 (W = 8);
 #     8 x 171 x 512 x 512 1.672 / 1.520 (W = 8): their variants were not reached.
 #   65536 x 1000 rows, two sweeps: 1.400 / 1.342, against CUDA C++'s 0.361 / 0.352, which
 #     backend="auto" takes there (backends.AUTO_ORDER_WIDE_ROWS).
 ONE_THREAD_MAX_GROUPS = 6
+LEAN_MAX_GROUPS = 5
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
 CHUNK_GROUPS = 2
@@ -663,14 +667,17 @@ def class_blocks(groups: int, warps: int) -> tuple[int, int]:
 
 
 @functools.cache
-def kernel_config(num_classes: int, positions_contiguous: bool = True) -> KernelConfig:
+def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: bool = False) -> KernelConfig:
     """The loss kernel's blocks for C classes (see the table above): the row in registers, held by
     one thread up to ONE_THREAD_MAX_GROUPS groups of four, else spread over the fewest warps that
     leave a thread no more (SPREAD_MAX_GROUPS, and a register cap, where the positions are strided:
-    channels_last, rows); above that, two sweeps over chunks of CHUNK_GROUPS groups."""
+    channels_last, rows); above that, two sweeps over chunks of CHUNK_GROUPS groups. ``extras``:
+    the kernel reads position weights, smooths the labels or stores a loss per position, which
+    takes registers (a row in one thread gets the higher cap)."""
     groups = _cdiv(num_classes, 4)
     if groups <= ONE_THREAD_MAX_GROUPS:
-        return KernelConfig(128, 4, *class_blocks(groups, 1), 0, 112)
+        cap = 96 if groups <= LEAN_MAX_GROUPS and not extras else 112
+        return KernelConfig(128, 4, *class_blocks(groups, 1), 0, cap)
     per_thread, cap = (ONE_THREAD_MAX_GROUPS, None) if positions_contiguous else (SPREAD_MAX_GROUPS, 128)
     for warps in ROW_WARPS:
         main, tail = class_blocks(groups, warps)
@@ -765,7 +772,8 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     ``grad_ptr`` are in ``args``."""
     s = view.strides
     if config is None:
-        config = kernel_config(problem.num_classes, view.positions_contiguous)
+        extras = view.position_weight is not None or problem.label_smoothing > 0 or problem.reduction == "none"
+        config = kernel_config(problem.num_classes, view.positions_contiguous, extras)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device, dtype = view.logits.device, view.logits.dtype
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
