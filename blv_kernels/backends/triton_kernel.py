@@ -598,7 +598,7 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 # The loss kernel's configuration, chosen by the static report (benchmarks/static_report.py, sm_90,
 # Triton 3.9, fwd+bwd thread-instructions per element, fp32 NCHW 8 x C x 512 x 512 unless said):
 #   a thread holds at most 6 groups of four classes of a position in registers (24 classes; the
-#   8 x 19 x 512 x 1024 case 61.1 at 112 registers); 4 + 4 groups (C = 28) spills 32-64 B.
+#   8 x 19 x 512 x 1024 case 61.3 at 96 registers); 4 + 4 groups (C = 28) spills 32-64 B.
 #   Above 24 classes a program's W warps share the rows of 32 positions (one a lane), W the
 #   fewest of 2, 4, 8, 16 that leave a thread at most 6 groups; against this kernel's two sweeps:
 #     C =  25 W = 2   89.0   two sweeps 121.1      C = 150 W = 8   69.6   two sweeps 91.9
