@@ -94,6 +94,7 @@ COMPILE_RESERVE_S = 45.0
 # The released approach draws every sample on the CPU (about a second per 8x19x512x1024 call).
 RELEASED_MAX_NUMEL = {"full": 8 * 19 * 512 * 1024, "quick": 2 * 19 * 512 * 1024}
 RELEASED_REPS = 3
+HOST_MS_DEVICE_MS = 50.0  # host_calls: the device time that host_ms's calls may take
 PASSES = ("fwd", "fwd_bwd")
 RESULT_FIELDS = (
     "provider", "case", "shape", "dtype", "layout", "pass", "status", "reason", "timer",
@@ -198,6 +199,12 @@ def case_problem(provider: str, case: dict, args, device: torch.device) -> str |
     return None
 
 
+def host_calls(device_ms: float) -> int:
+    """How many calls ``host_ms`` makes: 20, or as many as fill HOST_MS_DEVICE_MS of the device
+    (one at least), so that the eager reference (50-400 ms a call) adds no more than one call."""
+    return max(1, min(20, int(HOST_MS_DEVICE_MS / device_ms)))
+
+
 def run_case(provider: str, case: dict, loss_fn, logits, target, args, device, copy_gbps: float) -> list[dict]:
     """Time forward (as in training: autograd records the graph) and forward+backward: two rows."""
     passes = {
@@ -214,7 +221,7 @@ def run_case(provider: str, case: dict, loss_fn, logits, target, args, device, c
             ms, timer = host_loop(fn, reps=RELEASED_REPS, warmup=1, grad_to_none=[logits], device=device), "host loop"
         else:
             ms, timer = bench(fn, device=device, grad_to_none=[logits], reps=args.reps)
-            host = host_ms(fn, device=device, grad_to_none=[logits])
+            host = host_ms(fn, device=device, grad_to_none=[logits], calls=host_calls(ms[0]))
         peak = peak_extra_memory(fn, device, grad_to_none=[logits])
         gbps = floor_bytes(case, pass_) / ms[0] / 1e6
         rows.append(

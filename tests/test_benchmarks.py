@@ -145,6 +145,11 @@ def test_host_ms_times_back_to_back_calls_without_waiting_for_the_device(monkeyp
     assert common.host_ms(call, device=torch.device("cpu")) is None
 
 
+def test_host_ms_calls_fill_a_bounded_device_time():
+    # 20 calls of a fused kernel, one of the 400 ms eager reference (the GPU check's budget)
+    assert [loss.host_calls(ms) for ms in (0.3, 2.5, 10.0, 400.0)] == [20, 20, 5, 1]
+
+
 def test_missing_backend_is_reported_as_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "BACKENDS", {"reference": blv_kernels.backends.BACKENDS["reference"]})
     argv = ["--device", "cpu", "--size", "tiny", "--shapes", "cityscapes-n2", "--dtypes", "fp32", "--reps", "1",
