@@ -115,8 +115,13 @@ def resolve_backend(name: str, logits: torch.Tensor) -> Backend:
     ``AUTO_ORDER`` (``AUTO_ORDER_WIDE_ROWS`` for more than STRIDED_ONE_PASS_MAX_CLASSES contiguous
     classes) that can, else the reference (with a one-time warning on the CPU, where the compiled
     kernel is missing). Raises when the named backend cannot."""
-    wide_rows = False  # a branch, not the symbolic bool itself: torch.compile guards on it
-    if logits.dim() >= 2 and logits.stride(1) == 1 and logits.shape[1] > STRIDED_ONE_PASS_MAX_CLASSES:
+    wide_rows = False  # a branch, not the symbolic bool itself: torch.compile guards on it (for "auto" only)
+    if (
+        name == "auto"
+        and logits.dim() >= 2
+        and logits.stride(1) == 1
+        and logits.shape[1] > STRIDED_ONE_PASS_MAX_CLASSES
+    ):
         wide_rows = True
     return BACKENDS[_resolve(name, logits.device.type, logits.dtype, wide_rows)]
 
