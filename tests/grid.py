@@ -1,13 +1,13 @@
 """The equivalence grid every fused backend runs: loss and gradient against the reference.
 
-One case is a shape, a layout, a dtype and the loss's options. The grid covers every
-class-count regime of the kernels (C = 1, 2, below one Philox group of four, the
-Cityscapes/ADE/COCO-Stuff/ImageNet C, C above a class chunk, the Triton rows spread over 2 to
-16 warps), odd spatial sizes and N = 1, every layout (NCHW, channels_last, (N, C) rows, 3-D,
-sliced and permuted views), every dtype, ignore ratios 0 to 100%, every reduction, both
-weights, label smoothing, both modes and sigma in {0, 0.5, 4, 6} (0.5 takes the Giles erfinv
-path, 4 and 6 the polynomial one). Shapes stay small: on a CPU the Triton kernels run under
-the interpreter and the CUDA kernels under emulation.
+One case is a shape, a layout, a dtype and the loss's options. The grid covers every class-count
+regime of the kernels (C = 1, 2, below one Philox group of four, the
+Cityscapes/ADE/COCO-Stuff/ImageNet C, C above a class chunk, the Triton rows spread over 2 to 16
+warps or, with contiguous classes, over 2 to 64 lanes), odd spatial sizes and N = 1, every
+layout (NCHW, channels_last, (N, C) rows, 3-D, sliced and permuted views), every dtype, ignore
+ratios 0 to 100%, every reduction, both weights, label smoothing, both modes and sigma in {0,
+0.5, 4, 6} (0.5 takes the Giles erfinv path, 4 and 6 the polynomial one). Shapes stay small: on
+a CPU the Triton kernels run under the interpreter and the CUDA kernels under emulation.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ CASES = [
     Case((8, 1000), weight=True, position_weight=True),
     Case((5, 67), reduction="none", mode="clamp"),  # C above one chunk of 64 classes
     Case((1, 67, 2, 3), layout="class-sliced", sigma=4.0),
-    # the Triton rows over 2 and 16 warps (33 and 300 classes), a program's 32 positions partial
+    # the Triton rows over 2 and 16 warps (NCHW, 33 and 300 classes), a program's 32 positions
+    # partial; with contiguous classes over 2 and 16 lanes (16 and 2 positions a warp, partial)
+    Case((2, 33, 5, 7), weight=True),
+    Case((1, 300, 3, 3), reduction="sum"),
     Case((2, 33, 5, 7), layout="channels_last", weight=True),
     Case((3, 300), reduction="sum", label_smoothing=0.1),
     # C = 1, 2, 3: below and at one Philox group of four classes
@@ -85,10 +88,11 @@ CASES = [
     Case((2, 19, 4, 5), label_smoothing=0.1),
     Case((1, 150, 3, 5), reduction="none", weight=True, label_smoothing=0.2, layout="channels_last"),
     Case((6, 67), reduction="sum", weight=True, position_weight=True, label_smoothing=1.0),
-    # ... in Triton's two sweeps (above 384 classes NCHW, 320 strided), whose second sweep sums the
-    # smoothing terms: 389 classes end in a partial chunk
+    # ... in Triton's two sweeps (above 384 classes NCHW, 10240 contiguous), whose second sweep sums
+    # the smoothing terms: 389 and 10250 classes end in a partial chunk
     Case((1, 389, 2, 3), weight=True, label_smoothing=0.1),
     Case((3, 389), reduction="none", mode="clamp", label_smoothing=0.2),
+    Case((2, 10250), weight=True, label_smoothing=0.1),
     # low precision: compared with PyTorch at that precision against a float64 ground truth
     Case((2, 19, 6, 10), dtype=torch.bfloat16),
     Case((2, 19, 6, 10), dtype=torch.float16, layout="channels_last", reduction="none"),

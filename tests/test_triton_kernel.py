@@ -16,7 +16,6 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from benchmarks import static_report  # noqa: E402
-from blv_kernels.backends import STRIDED_ONE_PASS_MAX_CLASSES  # noqa: E402
 from blv_kernels.backends import triton_kernel as tk  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -70,31 +69,68 @@ def test_transform_matches_pytorch(sigma, mode, rng):
     assert torch.equal(out.cpu() == 1, ref == 1)  # the atom at v = 1 is decided on t alone: exact
 
 
-@pytest.mark.parametrize("positions_contiguous", [True, False])
-def test_kernel_config_covers_every_class_count(positions_contiguous):
-    per_thread = tk.ONE_THREAD_MAX_GROUPS if positions_contiguous else tk.SPREAD_MAX_GROUPS  # groups a thread holds
+def _check_one_thread(num_classes, config, positions_contiguous):
+    """One position a thread, its row padded to the next multiple of 4 classes."""
+    groups, where = triton.cdiv(num_classes, 4), (num_classes, config)
+    assert config.block_p == 32 * config.num_warps and config.chunk_groups == 0, where
+    assert groups <= tk.ONE_THREAD_MAX_GROUPS and (
+        groups <= sum(tk.class_blocks(groups, 1)) < 2 * groups or groups == 1
+    )
+    assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, 1), where
+    assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS else 112), where  # measured
+    assert tk.kernel_config(num_classes, positions_contiguous, extras=True) == config._replace(maxnreg=112)
+
+
+def _check_blocks(groups, config, spread, per_thread):
+    """A row in registers over ``spread`` threads: power-of-two blocks, none smaller than the spread
+    (it would be replicated), at most ``per_thread`` groups a thread, the fewest threads that allow it."""
+    main, tail, where = config.main_groups, config.tail_groups, (groups, config)
+    assert config.chunk_groups == 0 and main & (main - 1) == 0 and tail & (tail - 1) == 0, where
+    assert (main, tail) == tk.class_blocks(groups, spread), where
+    assert main >= spread and (tail == 0 or tail >= spread), where
+    assert groups <= main + tail <= per_thread * spread, where
+    assert sum(tk.class_blocks(groups, spread // 2)) > per_thread * (spread // 2), where
+
+
+def test_kernel_config_with_contiguous_positions():
+    # NCHW: a position's row in one thread, then over the fewest warps of 32 positions (one a lane)
+    # that leave a thread <= ONE_THREAD_MAX_GROUPS groups, then two sweeps (one position a thread)
     for num_classes in range(1, 8193):
-        config = tk.kernel_config(num_classes, positions_contiguous)
+        config = tk.kernel_config(num_classes, True)
+        groups, warps = triton.cdiv(num_classes, 4), config.num_warps
+        if groups <= tk.ONE_THREAD_MAX_GROUPS:
+            _check_one_thread(num_classes, config, True)
+        elif config.main_groups:
+            assert config.block_p == 32 and warps in tk.ROW_WARPS and config.maxnreg is None, config
+            _check_blocks(groups, config, warps, tk.ONE_THREAD_MAX_GROUPS)
+        else:
+            assert config.block_p == 32 * warps and config.chunk_groups == tk.CHUNK_GROUPS, config
+            assert groups > tk.ONE_THREAD_MAX_GROUPS * tk.ROW_WARPS[-1], config
+
+
+def test_kernel_config_with_contiguous_classes():
+    # channels_last and rows: one position a thread up to 24 classes; above, a row's groups over the
+    # lanes of a warp (32 / L positions a warp, L lanes each) and then of 2 to 16 warps (one position
+    # a program), L * warps the fewest that leave a lane <= SPREAD_MAX_GROUPS groups; then two sweeps
+    # by one warp over chunks of one group a lane
+    lanes_seen = set()
+    for num_classes in range(1, 20_001):
+        config = tk.kernel_config(num_classes, False)
         groups = triton.cdiv(num_classes, 4)
-        main, tail, warps = config.main_groups, config.tail_groups, config.num_warps
-        where = (num_classes, config)
-        if main:  # the row in registers: a main block of a power of two <= the groups, a tail of a power of two
-            assert config.chunk_groups == 0 and main <= groups and main & (main - 1) == 0, where
-            assert tail & (tail - 1) == 0, where
-            if config.block_p == 32 * warps:  # one position a thread, padded to the next multiple of 4
-                assert groups <= tk.ONE_THREAD_MAX_GROUPS and (groups <= main + tail < 2 * groups or groups == 1), where
-                assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS else 112), where  # measured
-                assert tk.kernel_config(num_classes, positions_contiguous, extras=True) == config._replace(maxnreg=112)
-            else:  # 32 positions, their rows over the fewest warps that leave a thread <= per_thread groups
-                assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS and warps in tk.ROW_WARPS, where
-                assert main >= warps and (tail == 0 or tail >= warps), where  # no tile smaller than the warps
-                assert groups <= main + tail <= per_thread * warps, where
-                fewer = warps // 2
-                assert warps == tk.ROW_WARPS[0] or sum(tk.class_blocks(groups, fewer)) > per_thread * fewer, where
-                assert config.maxnreg == (None if positions_contiguous else 128), where
-        else:  # two sweeps, one position a thread
-            assert config.block_p % (32 * warps) == 0 and config.chunk_groups > 0, where
-            assert groups > per_thread * tk.ROW_WARPS[-1], where
+        if groups <= tk.ONE_THREAD_MAX_GROUPS:
+            _check_one_thread(num_classes, config, False)
+            continue
+        assert config.block_p * config.num_warps <= 32, config
+        spread = 32 * config.num_warps // config.block_p  # the lanes across one position's row
+        if config.main_groups:
+            assert (config.num_warps == 1 or config.block_p == 1) and config.maxnreg is None, config
+            _check_blocks(groups, config, spread, tk.SPREAD_MAX_GROUPS)
+            lanes_seen.add(spread)
+        else:
+            assert config.block_p == config.num_warps == 1 and config.chunk_groups == spread, config
+            assert config.maxnreg == 128, config
+            assert groups > tk.SPREAD_MAX_GROUPS * 32 * tk.ROW_WARPS[-1], config
+    assert lanes_seen == {*tk.LANES, *(32 * w for w in tk.ROW_WARPS)}
 
 
 def test_the_loss_pass_takes_the_lean_register_cap_only_without_extras():
@@ -108,13 +144,6 @@ def test_the_loss_pass_takes_the_lean_register_cap_only_without_extras():
     meta = dict(dtype=torch.float32, device="meta")
     assert cap() == cap(class_weight=torch.empty(19, **meta)) == 96
     assert cap(position_weight=torch.empty(2, 8, 8, **meta)) == cap(label_smoothing=0.1) == cap(reduction="none") == 112
-
-
-def test_auto_knows_where_strided_positions_take_two_sweeps():
-    # backend="auto" puts CUDA C++ first above STRIDED_ONE_PASS_MAX_CLASSES contiguous classes
-    # (measured: Triton's two sweeps over strided rows); the limit must be kernel_config's
-    limit = STRIDED_ONE_PASS_MAX_CLASSES
-    assert tk.kernel_config(limit, False).chunk_groups == 0 < tk.kernel_config(limit + 1, False).chunk_groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -90,12 +90,13 @@ BACKENDS: dict[str, Backend] = {
 # On a GPU, from the H100 sweep (benchmarks/RESULTS.md, 2026-11-27; fwd+bwd kernels replayed in a
 # CUDA graph): Triton first (8 x C x 512 x 512(1024) NCHW fp32, C = 19 / 150 / 171: 0.32 / 3.14 /
 # 1.67 ms against CUDA C++'s 0.60 / 4.62 / 2.42), but CUDA C++ first where the classes are
-# contiguous and more than Triton's one pass holds (STRIDED_ONE_PASS_MAX_CLASSES): there a Triton
-# thread walks its row 8 classes at a time, twice (a warp's load touches 32 rows 4 kB apart), and
-# CUDA C++ holds the row in a warp's registers (65536 x 1000 rows: 1.40 ms against 0.36).
+# contiguous and more than WIDE_ROWS_CLASSES (65536 x 1000 rows: 0.36 ms against 1.40). That
+# Triton kernel gave a row to a thread, swept twice; the one since, a row across lanes in one
+# pass, was not timed (static estimate: 0.8x the instructions, a warp's load reading 4 lines,
+# not 32): until a card times it, the measured order stands.
 AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 AUTO_ORDER_WIDE_ROWS = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-STRIDED_ONE_PASS_MAX_CLASSES = 320  # triton_kernel.kernel_config: 16 warps x 5 groups of four
+WIDE_ROWS_CLASSES = 320
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
@@ -112,16 +113,11 @@ def get_backend(name: str) -> Backend:
 
 def resolve_backend(name: str, logits: torch.Tensor) -> Backend:
     """The backend that computes a loss of ``logits``: ``name``, or for ``"auto"`` the first of
-    ``AUTO_ORDER`` (``AUTO_ORDER_WIDE_ROWS`` for more than STRIDED_ONE_PASS_MAX_CLASSES contiguous
+    ``AUTO_ORDER`` (``AUTO_ORDER_WIDE_ROWS`` for more than WIDE_ROWS_CLASSES contiguous
     classes) that can, else the reference (with a one-time warning on the CPU, where the compiled
     kernel is missing). Raises when the named backend cannot."""
     wide_rows = False  # a branch, not the symbolic bool itself: torch.compile guards on it (for "auto" only)
-    if (
-        name == "auto"
-        and logits.dim() >= 2
-        and logits.stride(1) == 1
-        and logits.shape[1] > STRIDED_ONE_PASS_MAX_CLASSES
-    ):
+    if name == "auto" and logits.dim() >= 2 and logits.stride(1) == 1 and logits.shape[1] > WIDE_ROWS_CLASSES:
         wide_rows = True
     return BACKENDS[_resolve(name, logits.device.type, logits.dtype, wide_rows)]
 

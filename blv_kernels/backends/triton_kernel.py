@@ -22,13 +22,17 @@ Classes are held as four tiles [groups, positions], one per Philox output word (
   and a tail block (the rest, padded to a power of two of groups; classes >= C are masked);
   noise, transform and exponential are computed once per element. Up to
   ``ONE_THREAD_MAX_GROUPS`` groups a thread holds its position's row (one position a thread, no
-  reduction crosses threads); up to ``ROW_WARPS[-1]`` times that (``SPREAD_MAX_GROUPS`` with
-  strided positions), a program's warps share the rows of 32 positions (one a lane), and the
-  class reductions (the max, then the sum, z_t and the label-smoothing sums) cross warps
-  through shared memory; there the tail holds at least one group a warp.
-- more classes: chunks of CHUNK_GROUPS groups, one position a thread; a first sweep keeps the
-  running max and sum (online softmax), a second sweep regenerates the noise and writes the
-  gradient.
+  reduction crosses threads). Above, the class reductions (the max, then the sum, z_t and the
+  label-smoothing sums) cross threads, and the tail holds at least one group a thread. With
+  contiguous positions (NCHW), up to ``ROW_WARPS[-1]`` times that a program's warps share the
+  rows of 32 positions (one a lane; the reductions go through shared memory). With contiguous
+  classes (channels_last, rows) a row is spread over the lanes of a warp (shuffles), then of up
+  to ``ROW_WARPS[-1]`` warps, ``SPREAD_MAX_GROUPS`` groups a lane: a warp's load then reads
+  consecutive classes of a few rows, not one class of 32 rows, 32 lines of 128 B apiece.
+- more classes: chunks of classes swept twice (one position a thread with contiguous
+  positions; with contiguous classes, one position a program, its chunks over the lanes): a
+  first sweep keeps the running max and sum (online softmax), a second sweep regenerates the
+  noise and writes the gradient.
 
 Layouts: the logits are addressed as (N, C, S) through three strides, so NCHW (positions
 contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
@@ -609,34 +613,49 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   element); the tail block's padding costs C = 25 and 100 most. The limit of 6 groups is a
 #   margin, not a wall: at C = 100, W = 4 (8 groups a thread) counts 81.0 in 128 registers
 #   without spilling here, but the card's Triton, other options and other sizes may spill; the
-#   sweep (benchmarks/sweep.py) has it as a candidate. Strided positions (channels_last, rows)
-#   take more registers for their addresses: under Triton 3.6, 6 groups a thread take 150 at
-#   C = 81-96 uncapped and spill 8 B at C = 41 capped at 128; with a cap of 128 and at most 5
-#   groups a thread, no configuration spills (the static report's --all-configs, default options)
-#   under 3.6 or 3.9. With class and position weights, label smoothing and reduction "none",
-#   C = 161 NCHW fp32 spills 8 B uncapped. Above 16 x 24 = 384 classes (320 strided): two
-#   sweeps over chunks of CHUNK_GROUPS groups, one position a thread (65536 x 1000 rows, chunks
-#   of 1 / 2 / 4 groups: 93.4 / 89.7 / 89.0, the last spilling 312 B).
-# Register caps: 128 for the two sweeps (uncapped, ptxas takes 48 at C = 1000 and issues 92.5);
-# for a row in one thread 96 (20 warps an SM) up to LEAN_MAX_GROUPS groups without the extras
-# (position weights, label smoothing, a loss per position), else 112 (16 warps): 96 ran 6%
-# faster on the card (below), but spills 8-32 B with the extras from C = 13 and 8 B at 6 groups
-# (C = 21 bf16, Triton 3.9). Uncapped, ptxas takes 80 at 19 classes, with fewer instructions,
-# and ran slower still. With every extra at once the row in one thread spills 8-16 B at 112
-# (8 B at 128) from C = 13. None for NCHW rows over warps, which take <= 128 uncapped (a cap of
-# 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread keep 16 warps per SM.
+#   sweep (benchmarks/sweep.py) has it as a candidate. With class and position weights, label
+#   smoothing and reduction "none", C = 161 NCHW fp32 spills 8 B uncapped. Above 16 x 24 = 384
+#   classes: two sweeps over chunks of CHUNK_GROUPS groups, one position a thread.
+# Contiguous classes (channels_last, rows; fp32 65536 x C rows): above 24 classes a row over L
+#   lanes of one warp (32 / L positions a warp), then over the 32 lanes of W warps, L x W the
+#   fewest that leave a lane at most 5 groups (more take > 128 registers: C = 1000 over 32 lanes,
+#   8 groups a lane, 148; capped at 128 it spills 96 B). Against the previous blocking, the warps
+#   sharing 32 positions (one a lane; from C = 321 two sweeps, one position a thread):
+#     C =  25 L = 2   80.5   before 87.1       C = 171 L = 16  76.1   before 82.4
+#     C =  40 L = 2   63.2          66.1       C = 300 L = 16  68.4          70.3
+#     C =  65 L = 4   77.5          79.8       C = 365 L = 32  71.7          93.5
+#     C = 100 L = 8   81.3          87.8       C = 1000 W = 2  70.2          89.7
+#     C = 150 L = 8   62.8          69.7       C = 10000 W = 16 68.0         89.5
+#   More to the point, a warp's load reads 32 rows' class c before (32 lines of 128 B apiece,
+#   4 B used in each; the card ran 65536 x 1000 rows at 8x the copy floor), consecutive classes
+#   of 32 / L rows now (4-8 lines in fp32; per element 0.26-0.42 lines against 2-3: the static
+#   report's line_accesses). Above 16 x 32 x 5 groups (10240 classes): two sweeps by one warp, a
+#   group a lane a chunk (C = 12000: 100.5; 2 groups a lane or 4 warps spill 8 B or count 108).
+#   Registers: ptxas's own choice, at most 128 for at most 5 groups a lane, no spill under 3.6 or
+#   3.9 (the static report's --all-configs, default options); a cap of 128 spills 8 B at
+#   C = 125-128 bf16 (Triton 3.9), where ptxas alone takes 116.
+# Register caps: 128 for the two sweeps; for a row in one thread 96 (20 warps an SM) up to
+# LEAN_MAX_GROUPS groups without the extras (position weights, label smoothing, a loss per
+# position), else 112 (16 warps): 96 ran 6% faster on the card (below), but spills 8-32 B with the
+# extras from C = 13 and 8 B at 6 groups (C = 21 bf16, Triton 3.9). Uncapped, ptxas takes 80 at 19
+# classes, with fewer instructions, and ran slower still. With every extra at once the row in one
+# thread spills 8-16 B at 112 (8 B at 128) from C = 13. None for NCHW rows over warps, which take
+# <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread
+# keep 16 warps per SM.
 # Measured on an H100 80GB HBM3 (2026-11-27, Triton 3.6; benchmarks/sweep.py: the step's kernels
 # replayed in a CUDA graph; benchmarks/RESULTS.md), ms:
 #   8 x 19 x 512 x 1024 fp32, 4 warps: cap 112 0.323, 96 0.304, 128 0.322, none (80) 0.358;
 #     2 and 8 warps no faster (bf16's variants were not reached: 96 is taken for it untimed).
 #   8 x 19 x 512 x 1024 bf16 0.274; 16 x 150 x 512 x 512 fp32 / bf16 3.135 / 2.718 (W = 8);
 #     8 x 171 x 512 x 512 1.672 / 1.520 (W = 8): their variants were not reached.
-#   65536 x 1000 rows, two sweeps: 1.400 / 1.342, against CUDA C++'s 0.361 / 0.352, which
-#     backend="auto" takes there (backends.AUTO_ORDER_WIDE_ROWS).
+#   65536 x 1000 rows, the former two sweeps: 1.400 / 1.342, against CUDA C++'s 0.361 / 0.352,
+#     which backend="auto" takes there (backends.AUTO_ORDER_WIDE_ROWS); the row over lanes since
+#     was not timed.
 ONE_THREAD_MAX_GROUPS = 6
 LEAN_MAX_GROUPS = 5
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
+LANES = (2, 4, 8, 16, 32)  # contiguous classes: lanes a row's groups are spread over
 CHUNK_GROUPS = 2
 LABEL_BLOCK = 1024
 SCALE_BLOCK = 4096
@@ -656,34 +675,52 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def class_blocks(groups: int, warps: int) -> tuple[int, int]:
+def class_blocks(groups: int, spread: int) -> tuple[int, int]:
     """(main, tail) groups of a row held in registers: the largest power of two <= groups, and the
-    rest padded up to a power of two (0 when there is none) and to at least ``warps`` groups, one a
-    warp (a smaller tile would be replicated across the warps). The main block is at least that
-    wherever ``kernel_config`` spreads a row over warps."""
+    rest padded up to a power of two (0 when there is none) and to at least ``spread`` groups, the
+    threads (warps, or lanes) a row's groups are spread over: a smaller tile would be replicated
+    across them. The main block is at least that wherever ``kernel_config`` spreads a row."""
     main = 1 << (groups.bit_length() - 1)
     rest = groups - main
-    return main, max(1 << (rest - 1).bit_length(), warps) if rest else 0
+    return main, max(1 << (rest - 1).bit_length(), spread) if rest else 0
 
 
 @functools.cache
 def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: bool = False) -> KernelConfig:
     """The loss kernel's blocks for C classes (see the table above): the row in registers, held by
-    one thread up to ONE_THREAD_MAX_GROUPS groups of four, else spread over the fewest warps that
-    leave a thread no more (SPREAD_MAX_GROUPS, and a register cap, where the positions are strided:
-    channels_last, rows); above that, two sweeps over chunks of CHUNK_GROUPS groups. ``extras``:
-    the kernel reads position weights, smooths the labels or stores a loss per position, which
-    takes registers (a row in one thread gets the higher cap)."""
+    one thread up to ONE_THREAD_MAX_GROUPS groups of four; above, with contiguous positions (NCHW),
+    spread over the fewest warps that leave a thread no more, else two sweeps over chunks of
+    CHUNK_GROUPS groups, one position a thread; with contiguous classes, ``_across_lanes``.
+    ``extras``: the kernel reads position weights, smooths the labels or stores a loss per
+    position, which takes registers (a row in one thread gets the higher cap)."""
     groups = _cdiv(num_classes, 4)
     if groups <= ONE_THREAD_MAX_GROUPS:
         cap = 96 if groups <= LEAN_MAX_GROUPS and not extras else 112
         return KernelConfig(128, 4, *class_blocks(groups, 1), 0, cap)
-    per_thread, cap = (ONE_THREAD_MAX_GROUPS, None) if positions_contiguous else (SPREAD_MAX_GROUPS, 128)
+    if not positions_contiguous:
+        return _across_lanes(groups)
     for warps in ROW_WARPS:
         main, tail = class_blocks(groups, warps)
-        if main + tail <= per_thread * warps:
-            return KernelConfig(32, warps, main, tail, 0, cap)
+        if main + tail <= ONE_THREAD_MAX_GROUPS * warps:
+            return KernelConfig(32, warps, main, tail, 0, None)
     return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
+
+
+def _across_lanes(groups: int) -> KernelConfig:
+    """Contiguous classes (channels_last, rows): a row's groups across the lanes of a warp, so that
+    a warp's load reads a few rows' consecutive classes (lanes across positions would read 32 rows,
+    one class each). One warp holds 32 / L positions' rows over L lanes each, L the fewest that
+    leave a lane at most SPREAD_MAX_GROUPS groups; a wider row takes the 32 lanes of 2 to 16 warps
+    (one position a program); a still wider one is swept twice by one warp, a group a lane a chunk."""
+    for lanes in LANES:
+        main, tail = class_blocks(groups, lanes)
+        if main + tail <= SPREAD_MAX_GROUPS * lanes:
+            return KernelConfig(32 // lanes, 1, main, tail, 0, None)
+    for warps in ROW_WARPS:
+        main, tail = class_blocks(groups, 32 * warps)
+        if main + tail <= SPREAD_MAX_GROUPS * 32 * warps:
+            return KernelConfig(1, warps, main, tail, 0, None)
+    return KernelConfig(1, 1, 0, 0, 32, 128)
 
 
 @dataclass(frozen=True)
