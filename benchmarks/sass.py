@@ -122,6 +122,7 @@ class CompiledKernel:
     cubin: bytes
     num_warps: int
     shared: int  # dynamic shared memory the launch asks for, bytes
+    ttgir: str = ""  # Triton's GPU IR, with the layouts of its tensors
 
 
 def compile_triton(
@@ -150,7 +151,7 @@ def compile_triton(
         options["maxnreg"] = maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     meta = compiled.metadata
-    return CompiledKernel(meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared)
+    return CompiledKernel(meta.name, compiled.asm["cubin"], meta.num_warps, meta.shared, compiled.asm["ttgir"])
 
 
 def compile_cuda(path: Path | str, *, arch: int = 90, options: Sequence[str] = ()) -> bytes:
@@ -1177,9 +1178,16 @@ H100_COPY_BANDWIDTH = 3.0e12  # bytes/s of a streaming copy, the memory floor (H
 # 0.51 / 0.62, 16x150x512x512 0.46 / 0.55, 8x171x512x512 0.51 / 0.58. The values are the middle
 # of each range (C = 171 takes C = 150's): the NCHW times are 0.89-1.13x the predictions, fp32
 # slower than predicted and bf16 faster (fp32's twice the bytes compete with the issue). The
-# model counts instructions, not latency or access patterns: 65536x1000 rows (two sweeps, a
-# thread walking its row 8 classes at a time) took 3.3-3.6x the prediction (0.15 efficiency).
+# issue time alone missed 65536x1000 rows (two sweeps, a thread walking its row 8 classes at a
+# time) by 3.3-3.6x (0.15 efficiency): its warp accesses, 32 rows apiece, bound it (below).
 EFFICIENCY_CALIBRATION = {19: 0.56, 150: 0.52}
+# The L1's throughput for warp accesses: a load or store of a warp costs one wavefront per 128-byte
+# line it touches (``static_report.line_accesses``). Fitted to the one measurement where it binds:
+# the 65536x1000 rows of the two-sweep kernel then (3.0 lines per element, 32 rows a warp access)
+# took 1.400 ms in fp32 on the H100 above, 0.606 lines per SM and clock; bf16 (3.0 lines, 1.342
+# ms measured) is then predicted at 1.400. NCHW touches 0.06-0.1 lines per element: never the bound.
+H100_LINES_PER_CLOCK = 0.606
+H100_LINE_RATE = H100_SMS * H100_CLOCK_HZ * H100_LINES_PER_CLOCK  # 1.40e11 lines/s
 
 
 def calibrated_efficiency(num_classes: int) -> float:
@@ -1194,26 +1202,30 @@ def calibrated_efficiency(num_classes: int) -> float:
 class Prediction:
     issue_ms: float
     memory_ms: float
+    access_ms: float = 0.0  # the L1's wavefronts
 
     @property
     def ms(self) -> float:
-        return max(self.issue_ms, self.memory_ms)
+        return max(self.issue_ms, self.memory_ms, self.access_ms)
 
     @property
     def bound(self) -> str:
-        return "issue" if self.issue_ms >= self.memory_ms else "memory"
+        return max(("issue", self.issue_ms), ("memory", self.memory_ms), ("access", self.access_ms),
+                   key=lambda named: named[1])[0]  # fmt: skip
 
 
 def predict(
-    thread_instructions: float, bytes_moved: float, efficiency: float, *, issue_rate: float = H100_ISSUE_RATE,
-    bandwidth: float = H100_COPY_BANDWIDTH,
+    thread_instructions: float, bytes_moved: float, efficiency: float, *, lines: float = 0.0,
+    issue_rate: float = H100_ISSUE_RATE, bandwidth: float = H100_COPY_BANDWIDTH, line_rate: float = H100_LINE_RATE,
 ) -> Prediction:  # fmt: skip
-    """Time of a launch executing ``thread_instructions`` in all (per element x elements) and moving
-    ``bytes_moved`` to or from DRAM: the larger of the issue time at ``efficiency`` x the issue
-    rate and the copy-bandwidth floor."""
+    """Time of a launch executing ``thread_instructions`` in all (per element x elements), moving
+    ``bytes_moved`` to or from DRAM and touching ``lines`` 128-byte lines in its warps' accesses:
+    the largest of the issue time at ``efficiency`` x the issue rate, the copy-bandwidth floor and
+    the L1's time for the lines."""
     if not 0 < efficiency <= 1:
         raise ValueError(f"efficiency {efficiency} outside (0, 1]")
-    return Prediction(1e3 * thread_instructions / (issue_rate * efficiency), 1e3 * bytes_moved / bandwidth)
+    return Prediction(1e3 * thread_instructions / (issue_rate * efficiency), 1e3 * bytes_moved / bandwidth,
+                      1e3 * lines / line_rate)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

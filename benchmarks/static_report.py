@@ -8,17 +8,19 @@ exactly as ``backends/triton_kernel.py`` does (on meta tensors: ``label_launch``
 specialisation Triton's JIT would give those arguments (integers equal to 1 become constants,
 multiples of 16 are marked so), walks the SASS of one program with ``benchmarks/sass.py`` and
 reports per kernel and for the whole step: registers, spills, resident blocks per SM, dynamic
-thread-instructions per logical element by class, bytes per element, and the predicted H100
-time. **Static estimates, not measurements**: the model is ``sass.predict`` (132 SMs x 128
-lanes x 1.755 GHz issue, 3.0 TB/s), with the issue efficiency calibrated on this kernel's H100
-times (0.56 at C = 19, 0.52 at C = 150; NCHW times 0.89-1.13x the predictions, (N, C) rows of
-1000 classes 3.3-3.6x: ``sass.EFFICIENCY_CALIBRATION``). ``benchmarks/gpu_check.sh`` prints it
-beside the measured times, so that the model can be recalibrated whenever a GPU runs.
+thread-instructions per logical element by class, bytes and the 128-byte lines the loss pass's
+warp accesses touch per element (``line_accesses``), and the predicted H100 time. **Static
+estimates, not measurements**: the model is ``sass.predict`` (132 SMs x 128 lanes x 1.755 GHz
+issue, 3.0 TB/s, 0.606 lines per SM and clock), with the issue efficiency calibrated on this
+kernel's H100 times (0.56 at C = 19, 0.52 at C = 150; NCHW times 0.89-1.13x the predictions:
+``sass.EFFICIENCY_CALIBRATION``) and the line rate fitted to the one measured case it bounds
+(``sass.H100_LINES_PER_CLOCK``). ``benchmarks/gpu_check.sh`` prints it beside the measured
+times, so that the model can be recalibrated whenever a GPU runs.
 
 Assumptions of the walk (per program): sigma = 6, so the polynomial erfinv (threshold <= 0.7)
 runs; the mean reduction, no class or position weights, no label smoothing, int64 labels; the
 backward's grad_output is exactly 1 (``loss.backward()``), so the scaling kernel reads only the
-scalar. Loop trips come from the launch parameters (the two class sweeps of C > 384, or 320
+scalar. Loop trips come from the launch parameters (the two class sweeps of C > 384, or 10240
 with strided positions, run C // (4 CHUNK_GROUPS) full chunks each, then one partial chunk).
 Every program is taken to run the same path; the last, partial program of a grid and the
 grid's tail on the GPU are not modelled. Must run without TRITON_INTERPRET (the interpreter
@@ -32,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -175,6 +178,76 @@ class KernelRow:
     kernel: str  # the @triton.jit function
     report: sass.KernelReport  # per logical element of the whole tensor
     memory_lines: list[str]  # what the executed memory instructions are: the kernel-file source lines
+    lines_per_element: float | None = None  # the loss pass: line_accesses
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss pass's warp accesses of the logits and the gradient
+
+LINE_BYTES = 128  # a cache line: the L1 takes one wavefront per line a warp's access touches
+_IR_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_BLOCKED = re.compile(
+    r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
+    r"warpsPerCTA = \[([\d, ]+)\]", re.M,
+)  # fmt: skip
+_TENSOR_ACCESS = re.compile(r"tt\.(?:load|store) [^\n]*: tensor<(\d+)x!tt\.ptr<(\w+)>, (#blocked\d*)>")
+
+
+def _tiles(launch: tk.Launch) -> list[tuple[int, int, int, int]]:
+    """(first group, groups, loads, stores) of each [groups, BLOCK_P] tile of classes a program of
+    the loss pass moves through memory, four times (one tile per Philox word)."""
+    a = launch.args
+    if a["MAIN_GROUPS"]:
+        tail = [(a["MAIN_GROUPS"], a["TAIL_GROUPS"], 1, 1)] if a["TAIL_GROUPS"] else []
+        return [(0, a["MAIN_GROUPS"], 1, 1), *tail]
+    chunk = a["CHUNK_GROUPS"]  # two sweeps: the first loads, the second loads again and stores
+    return [(first, chunk, 2, 1) for first in range(0, -(-a["C"] // 4), chunk)]
+
+
+def check_flat_tiles(compiled: sass.CompiledKernel, launch: tk.Launch) -> None:
+    """``line_accesses``' premise, in the compiled kernel's TTGIR: every load and store of a tile of
+    the logits or the gradient is one-dimensional, one element a thread in turn."""
+    layouts = {name: (spt, tpw, wpc) for name, spt, tpw, wpc in _BLOCKED.findall(compiled.ttgir)}
+    sizes = {groups * launch.args["BLOCK_P"] for _, groups, _, _ in _tiles(launch)}
+    element = _IR_TYPES[launch.args["x_ptr"].dtype]
+    found = [
+        layouts[name]
+        for size, ty, name in _TENSOR_ACCESS.findall(compiled.ttgir)
+        if ty == element and int(size) in sizes
+    ]
+    expected = ("1", "32", str(launch.num_warps))
+    if not found or any(layout != expected for layout in found):
+        raise RuntimeError(f"the loss pass's tiles are not laid out flat, one element a thread: {set(found)}")
+
+
+def line_accesses(launch: tk.Launch, programs: int = 32) -> float:
+    """Lines of LINE_BYTES touched by the loss pass's warp loads of the logits and stores of the
+    gradient, per logical element (mean over ``programs`` programs spread over the grid). A tile
+    [G, P] is accessed flat (``check_flat_tiles``): its element (g, p) at g * P + p, one a thread in
+    turn, so one warp access holds 32 consecutive flat elements. Base addresses aligned to a line."""
+    a = launch.args
+    block_p, threads, num_classes, positions = a["BLOCK_P"], 32 * launch.num_warps, a["C"], a["S"]
+    item = a["x_ptr"].element_size()
+    (blocks, runs), tiles = launch.grid, _tiles(launch)
+    writes = a["grad_ptr"] is not None
+    stored = "g" if writes and not a["GRAD_LIKE_X"] else "x"  # the gradient's strides
+    strides = {t: [a[f"stride_{t}{d}"] for d in "ncs"] for t in {"x", stored}}
+    lines = elements = 0
+    for index in range(programs):
+        pid, n = index * blocks // programs, index * runs // programs
+        first_position = pid * block_p
+        elements += num_classes * max(0, min(block_p, positions - first_position))
+        for start, groups, loads, stores in tiles:
+            size = groups * block_p
+            for k in range(4):
+                for first in range(0, max(size, threads), 32):  # a warp's access (replicated below the threads)
+                    flat = [divmod(f % size, block_p) for f in range(first, first + 32)]
+                    held = [(4 * (start + g) + k, first_position + p) for g, p in flat]
+                    held = [(c, s) for c, s in held if c < num_classes and s < positions]
+                    for tensor, times in (("x", loads), (stored, stores if writes else 0)):
+                        sn, sc, ss = strides[tensor]
+                        lines += times * len({(n * sn + c * sc + s * ss) * item // LINE_BYTES for c, s in held})
+    return lines / elements
 
 
 def kernel_rows(case: Case, config: tk.KernelConfig | None = None) -> list[KernelRow]:
@@ -188,6 +261,10 @@ def kernel_rows(case: Case, config: tk.KernelConfig | None = None) -> list[Kerne
     rows = []
     for launch in (label, loss, scale):
         compiled = compile_launch(launch)
+        lines = None
+        if launch is loss:
+            check_flat_tiles(compiled, launch)
+            lines = line_accesses(launch)
         walk = sass.walk(sass.disassemble(compiled.cubin), compiled.name, **_walk_options(case, launch))
         # one program's walk over the elements a program covers on average: per element of the whole tensor
         report = sass.report(
@@ -196,7 +273,7 @@ def kernel_rows(case: Case, config: tk.KernelConfig | None = None) -> list[Kerne
             philox=PHILOX,
         )  # fmt: skip
         memory_lines = sorted({_source_text(i) for i in walk.executions if sass.classify(i) == "memory"})
-        rows.append(KernelRow(launch.kernel.fn.__name__, report, memory_lines))
+        rows.append(KernelRow(launch.kernel.fn.__name__, report, memory_lines, lines))
     return rows
 
 
@@ -221,20 +298,23 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
     total = sum(per_element.values())
     efficiency = sass.calibrated_efficiency(case.num_classes)
     bytes_moved = step_bytes(case)
-    prediction = sass.predict(total * case.elements, bytes_moved, efficiency)
+    lines = next(r.lines_per_element for r in rows if r.lines_per_element is not None)
+    prediction = sass.predict(total * case.elements, bytes_moved, efficiency, lines=lines * case.elements)
     return {
         "case": case.name, "shape": list(case.shape), "dtype": _TYPES[case.dtype], "layout": case.layout,
         "kernels": [{"kernel": r.kernel, "registers": r.report.registers, "spill_bytes": r.report.spill_bytes,
                      "blocks_per_sm": r.report.occupancy.blocks,
                      "warps_per_sm": r.report.occupancy.blocks * r.report.num_warps, "per_element": r.report.per_element,
-                     "total": r.report.total, "memory_lines": r.memory_lines} for r in rows],
+                     "total": r.report.total, "memory_lines": r.memory_lines,
+                     "lines_per_element": r.lines_per_element} for r in rows],
         "per_element": per_element, "total_per_element": total, "bytes_per_element": bytes_moved / case.elements,
         "efficiency": efficiency, "predicted_ms": prediction.ms, "issue_ms": prediction.issue_ms,
-        "memory_ms": prediction.memory_ms, "bound": prediction.bound,
+        "memory_ms": prediction.memory_ms, "lines_per_element": lines, "access_ms": prediction.access_ms,
+        "bound": prediction.bound,
     }  # fmt: skip
 
 
-def config_rows(max_classes: int = 8192) -> list[dict]:
+def config_rows(max_classes: int = 12288) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
     C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
     NCHW, channels_last and rows (strided positions take more registers for their addresses);
@@ -278,7 +358,8 @@ def format_report(reports: list[dict]) -> str:
                          + f" {k['total']:7.1f}")  # fmt: skip
         lines.append(f"{r['case']:32} {'step':18} {'':4} {'':5} {'':6} "
                      + " ".join(f"{r['per_element'][c]:7.1f}" for c in classes)
-                     + f" {r['total_per_element']:7.1f}   {r['bytes_per_element']:.2f} B/elem, predicted H100 "
+                     + f" {r['total_per_element']:7.1f}   {r['bytes_per_element']:.2f} B and "
+                       f"{r['lines_per_element']:.2f} lines/elem, predicted H100 "
                        f"{r['predicted_ms']:.3f} ms ({r['bound']}-bound, efficiency {r['efficiency']:.2f})")  # fmt: skip
     return "\n".join(lines)
 
@@ -307,7 +388,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--all-configs",
         action="store_true",
-        help="instead: registers and spills of every loss-kernel configuration for C in [1, 8192]",
+        help="instead: registers and spills of every loss-kernel configuration for C in [1, 12288]",
     )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from . import sass
 from .common import stamp_line
 from .training import table4
 
@@ -45,8 +46,10 @@ _LAYOUTS = {"nchw": "contiguous", "rows": "contiguous", "channels_last": "channe
 
 
 def static_summary(static_reports: list[dict], loss_data: dict | None, sweep_data: dict | None = None) -> str:
-    """The static estimate of each case beside the measured Triton step, and the issue efficiency
-    the measurement implies: the number to recalibrate ``sass.EFFICIENCY_CALIBRATION`` with. The
+    """The static estimate of each case beside the measured Triton step, and what the measurement
+    implies for the model's bound: the issue efficiency (to recalibrate
+    ``sass.EFFICIENCY_CALIBRATION`` with), or for an access-bound case the L1's lines per SM and
+    clock (``sass.H100_LINES_PER_CLOCK``). The
     measurement is the sweep's (``sweep.json``: kernel_config's choice, kernels only, replayed in a
     CUDA graph) where it has the case, else loss.json's eager forward+backward of the same shape,
     dtype and layout (which includes the host's time per call where that is the longer)."""
@@ -58,19 +61,22 @@ def static_summary(static_reports: list[dict], loss_data: dict | None, sweep_dat
                if r["backend"] == "triton" and r.get("chosen") and r["status"] == "ok"}  # fmt: skip
     lines = [
         "Static estimate (sm_90 SASS) beside the measured Triton step (graph: kernels only; eager: per call)",
-        f"{'case':34}{'instr/elem':>11}{'predicted ms':>14}{'measured ms':>13}{'':>7}{'measured/pred':>15}"
-        f"{'efficiency':>12}",
+        f"{'case':34}{'instr/elem':>11}{'predicted ms':>14}{'bound':>8}{'measured ms':>13}{'':>7}"
+        f"{'measured/pred':>15}{'implied':>16}",
     ]  # fmt: skip
     for r in static_reports:
         found = (graphed[r["case"]], "graph") if r["case"] in graphed else measured.get(
             (tuple(r["shape"]), r["dtype"], _LAYOUTS[r["layout"]]))  # fmt: skip
-        cells = ["", "", "", ""]
+        cells, bound = ["", "", "", ""], r.get("bound", "issue")
         if found is not None:
             ms, source = found
-            implied = r["efficiency"] * r["issue_ms"] / ms  # the efficiency at which the model gives ms
-            cells = [f"{ms:.3f}", source, f"{ms / r['predicted_ms']:.2f}", f"{implied:.2f}"]
-        lines.append(f"{r['case']:34}{r['total_per_element']:11.1f}{r['predicted_ms']:14.3f}{cells[0]:>13}"
-                     f"{cells[1]:>7}{cells[2]:>15}{cells[3]:>12}")  # fmt: skip
+            if bound == "access":  # the line rate at which the model gives ms
+                implied = f"{sass.H100_LINES_PER_CLOCK * r['access_ms'] / ms:.2f} lines/clk"
+            else:  # the efficiency at which it does
+                implied = f"{r['efficiency'] * r['issue_ms'] / ms:.2f}"
+            cells = [f"{ms:.3f}", source, f"{ms / r['predicted_ms']:.2f}", implied]
+        lines.append(f"{r['case']:34}{r['total_per_element']:11.1f}{r['predicted_ms']:14.3f}{bound:>8}{cells[0]:>13}"
+                     f"{cells[1]:>7}{cells[2]:>15}{cells[3]:>16}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import blv_kernels
-from benchmarks import common, loss, plots, summary, training
+from benchmarks import common, loss, plots, sass, summary, training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -391,19 +391,28 @@ def test_static_estimate_beside_the_measured_time():
     static = [{"case": "8x19x512x1024-fp32-nchw", "shape": [8, 19, 512, 1024], "dtype": "fp32", "layout": "nchw",
                "total_per_element": 60.0, "predicted_ms": 0.30, "issue_ms": 0.30, "efficiency": 0.5},
               {"case": "65536x1000-bf16-rows", "shape": [65536, 1000], "dtype": "bf16", "layout": "rows",
-               "total_per_element": 90.0, "predicted_ms": 0.2, "issue_ms": 0.2, "efficiency": 0.7}]  # fmt: skip
+               "total_per_element": 90.0, "predicted_ms": 0.2, "issue_ms": 0.2, "efficiency": 0.7},
+              {"case": "8x19x512x1024-fp32-channels_last", "shape": [8, 19, 512, 1024], "dtype": "fp32",
+               "layout": "channels_last", "total_per_element": 60.0, "predicted_ms": 0.60, "issue_ms": 0.30,
+               "access_ms": 0.60, "efficiency": 0.5, "bound": "access"}]  # fmt: skip
     loss_data = {"results": [
         {"provider": "triton", "pass": "fwd_bwd", "status": "ok", "shape": [8, 19, 512, 1024], "dtype": "fp32",
          "layout": "contiguous", "ms": 0.60},
         {"provider": "triton", "pass": "fwd", "status": "ok", "shape": [8, 19, 512, 1024], "dtype": "fp32",
          "layout": "contiguous", "ms": 0.10},
+        {"provider": "triton", "pass": "fwd_bwd", "status": "ok", "shape": [8, 19, 512, 1024], "dtype": "fp32",
+         "layout": "channels_last", "ms": 1.20},
     ]}  # fmt: skip
     lines = summary.static_summary(static, loss_data).splitlines()
     matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
     # measured twice the prediction: the model's efficiency was twice what the card gave
-    assert matched[1:] == ["60.0", "0.300", "0.600", "eager", "2.00", "0.25"]
+    assert matched[1:] == ["60.0", "0.300", "issue", "0.600", "eager", "2.00", "0.25"]
     unmatched = next(line for line in lines if line.startswith("65536x1000-bf16-rows")).split()
-    assert unmatched[1:] == ["90.0", "0.200"]
+    assert unmatched[1:] == ["90.0", "0.200", "issue"]
+    # access-bound: measured 1.2 ms against 0.6 predicted, the L1 took lines at half the model's rate
+    access = next(line for line in lines if line.startswith("8x19x512x1024-fp32-channels_last")).split()
+    assert access[1:] == ["60.0", "0.600", "access", "1.200", "eager", "2.00",
+                          f"{sass.H100_LINES_PER_CLOCK / 2:.2f}", "lines/clk"]  # fmt: skip
     # the sweep's graph-replayed time of kernel_config's choice (kernels only) is preferred
     sweep_data = {"results": [
         {"case": "8x19x512x1024-fp32-nchw", "backend": "triton", "chosen": False, "status": "ok", "ms": 0.2},
@@ -412,4 +421,4 @@ def test_static_estimate_beside_the_measured_time():
     ]}  # fmt: skip
     lines = summary.static_summary(static, loss_data, sweep_data).splitlines()
     matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
-    assert matched[1:] == ["60.0", "0.300", "0.450", "graph", "1.50", "0.33"]
+    assert matched[1:] == ["60.0", "0.300", "issue", "0.450", "graph", "1.50", "0.33"]
