@@ -5,8 +5,9 @@ what ``kernel_config``'s table and ``backend="auto"`` should be chosen from.
     python -m benchmarks.sweep [--cases ...] [--budget-s S] [--out DIR]  # a GPU: measured
 
 The candidates of a class count are ``kernel_config``'s choice and its variants: warps per program,
-the register cap, and above 24 classes both blockings (the row spread over a program's warps, and
-two sweeps over chunks of classes, of every chunk width). ``--static``
+the register cap, and above 24 classes every blocking (the row spread over a program's warps, over
+a warp's lanes where the classes are contiguous, and two sweeps over chunks of classes, of every
+chunk width). ``--static``
 compiles one training step's launches with each for sm_90 and reports registers, spills, blocks
 per SM, thread-instructions per element and the model's predicted H100 time (static estimates,
 ``benchmarks/static_report.py``). On a GPU every candidate is launched once (its registers and
@@ -54,11 +55,15 @@ from .common import (
 )
 from .loss import SHAPES, make_inputs
 
-# the GPU issue's cases: C = 19, 150, 171 (NCHW) and 1000 ((N, C) rows), fp32 and bf16, full size
-_LAYOUTS = {"cityscapes-n8": "nchw", "ade20k": "nchw", "cocostuff": "nchw", "classification": "rows"}
+# the GPU issue's cases: C = 19, 150, 171 (NCHW) and 1000 ((N, C) rows), fp32 and bf16, full size,
+# and C = 19 and 150 channels_last (contiguous classes: rows over lanes, or one a thread up to 24
+# classes, which the static model finds bound by its warp accesses); in the order their variants
+# are timed while the budget lasts
+_LAYOUTS = [("cityscapes-n8", "nchw"), ("classification", "rows"), ("cityscapes-n8", "channels_last"),
+            ("ade20k", "nchw"), ("ade20k", "channels_last"), ("cocostuff", "nchw")]  # fmt: skip
 CASES = {
     case.name: case
-    for shape_name, layout in _LAYOUTS.items()
+    for shape_name, layout in _LAYOUTS
     for dtype in (torch.float32, torch.bfloat16)
     for case in [static_report.Case(SHAPES[shape_name].full, dtype, layout)]
 }
@@ -70,18 +75,35 @@ GRAPH_REP_MS = 100  # the calls of one graph fill about this many ms per replay
 
 def candidates(num_classes: int, positions_contiguous: bool = True) -> list[tk.KernelConfig]:
     """``kernel_config``'s choice first, then its variants (each once): up to 24 classes, one position
-    a thread over other warp counts; above, the row spread over other warp counts (up to 12 groups
-    of four a thread) and the two sweeps; each with every register cap."""
+    a thread over other warp counts (with contiguous classes also a row over 2 or 4 lanes); above,
+    the row spread over other warp counts, one position a lane (up to 12 groups of four a thread),
+    with contiguous classes also across other numbers of lanes (up to 10 groups a lane), and the
+    two sweeps; each with every register cap."""
     chosen = tk.kernel_config(num_classes, positions_contiguous)
     groups = math.ceil(num_classes / 4)
     if groups <= tk.ONE_THREAD_MAX_GROUPS:
         blockings = [chosen._replace(block_p=32 * warps, num_warps=warps) for warps in WARPS]
+        if not positions_contiguous:  # a row over 2 or 4 lanes: fewer lines a warp access, more instructions
+            blockings += [
+                tk.KernelConfig(32 // lanes, 1, main, tail, 0, None) for lanes in tk.LANES[:2]
+                for main, tail in [tk.class_blocks(groups, lanes)] if main >= lanes
+            ]  # fmt: skip
     else:
         spread = [(warps, tk.class_blocks(groups, warps)) for warps in tk.ROW_WARPS]
         blockings = [
             tk.KernelConfig(32, warps, main, tail, 0, None) for warps, (main, tail) in spread
             if main >= warps and main + tail <= 2 * tk.ONE_THREAD_MAX_GROUPS * warps
-        ] + [tk.KernelConfig(32 * warps, warps, 0, 0, chunk, None) for warps in WARPS for chunk in CHUNK_GROUPS]  # fmt: skip
+        ]  # fmt: skip
+        if not positions_contiguous:  # (positions, warps): 32 / positions lanes a row in one warp, or 32 x warps
+            layouts = [(32 // lanes, 1) for lanes in tk.LANES] + [(1, warps) for warps in tk.ROW_WARPS]
+            for block_p, warps in layouts:
+                lanes = 32 * warps // block_p
+                main, tail = tk.class_blocks(groups, lanes)
+                if main >= lanes and main + tail <= 2 * tk.SPREAD_MAX_GROUPS * lanes:
+                    blockings.append(tk.KernelConfig(block_p, warps, main, tail, 0, None))
+        blockings += [
+            tk.KernelConfig(32 * warps, warps, 0, 0, chunk, None) for warps in WARPS for chunk in CHUNK_GROUPS
+        ]
     variants = [blocking._replace(maxnreg=cap) for blocking in blockings for cap in REGISTER_CAPS]
     return list(dict.fromkeys([chosen, *variants]))
 
@@ -90,10 +112,11 @@ BASELINES = {"cuda": "CUDA C++", "cross_entropy": "F.cross_entropy (no BLV)"}  #
 
 
 def describe(config: tk.KernelConfig) -> str:
-    held_by = "a thread" if config.block_p == 32 * config.num_warps else "the warps"
+    threads = 32 * config.num_warps // config.block_p  # the threads holding one position's row
+    held_by = "a thread" if threads == 1 else "the warps" if config.block_p == 32 else f"{threads} lanes"
     blocks = (f"one pass {config.main_groups}+{config.tail_groups} groups, a row over {held_by}" if config.main_groups
               else f"two sweeps, chunks of {config.chunk_groups} groups")  # fmt: skip
-    return f"{config.num_warps} warps, {blocks}, maxnreg {config.maxnreg or '-'}"
+    return f"{config.num_warps} warps, {config.block_p} positions, {blocks}, maxnreg {config.maxnreg or '-'}"
 
 
 def identity(case, backend: str, config: tk.KernelConfig | None) -> dict:

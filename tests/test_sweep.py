@@ -30,38 +30,44 @@ def test_candidates_start_with_kernel_config_and_vary_it_once_each(num_classes, 
     found = sweep.candidates(num_classes, positions_contiguous)
     assert found[0] == chosen and len(set(found)) == len(found) > 1
     groups = math.ceil(num_classes / 4)
-    spread = [c for c in found if c.main_groups and c.block_p != 32 * c.num_warps]
-    swept = [c for c in found if c.chunk_groups]
     for config in found:
-        if config.main_groups and config.block_p == 32 * config.num_warps:  # one position a thread: its blocks
+        threads = 32 * config.num_warps // config.block_p  # holding one position's row
+        if config.chunk_groups:  # two sweeps, one position a thread
+            assert threads == 1 and config.main_groups == 0
+        elif threads == 1:  # one position a thread: its blocks
             assert groups <= tk.ONE_THREAD_MAX_GROUPS and config.main_groups == chosen.main_groups
             assert config.tail_groups == chosen.tail_groups
-        elif config.main_groups:  # the row spread over the warps: that many warps' blocks, none smaller
-            assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, config.num_warps)
-            assert config.block_p == 32 and config.main_groups >= config.num_warps
-        else:  # two sweeps, one position a thread
-            assert config.block_p == 32 * config.num_warps and config.chunk_groups > 0
-    # above 24 classes both blockings are candidates, while the row fits the warps of a program
+        else:  # the row spread over warps (one position a lane) or lanes: none smaller than the threads
+            assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, threads)
+            assert config.main_groups >= threads
+            assert config.block_p == 32 and groups > tk.ONE_THREAD_MAX_GROUPS or not positions_contiguous
+    lanes = {32 * c.num_warps // c.block_p for c in found if c.block_p < 32 and not c.chunk_groups}
+    assert bool(lanes) == (not positions_contiguous)  # contiguous classes: rows over lanes, whatever C
+    # above 24 classes every blocking is a candidate while the row fits a program
     if groups > tk.ONE_THREAD_MAX_GROUPS:
-        assert swept and (chosen in spread if chosen.main_groups else chosen in swept)
-        assert bool(spread) == (groups <= 2 * tk.ONE_THREAD_MAX_GROUPS * tk.ROW_WARPS[-1])  # up to 12 groups a thread
+        warps = {c.num_warps for c in found if c.block_p == 32 and not c.chunk_groups}
+        assert any(c.chunk_groups for c in found)
+        assert bool(warps) == (groups <= 2 * tk.ONE_THREAD_MAX_GROUPS * tk.ROW_WARPS[-1])  # up to 12 groups a thread
+    assert len({sweep.describe(c) for c in found}) == len(found)
 
 
-def _distinct_blockings(num_classes: int) -> list[tk.KernelConfig]:
+def _distinct_blockings(num_classes: int, positions_contiguous: bool) -> list[tk.KernelConfig]:
     """The candidates that differ in what the kernel computes (warps and register caps change only the code)."""
     seen = {}
-    for config in sweep.candidates(num_classes):
+    for config in sweep.candidates(num_classes, positions_contiguous):
         seen.setdefault((config.block_p, config.main_groups, config.tail_groups, config.chunk_groups), config)
     return list(seen.values())
 
 
 @pytest.mark.parametrize(
-    "case", [Case((2, 19, 6, 11)).param(), Case((1, 150, 3, 5), reduction="none", weight=True).param(),
+    "case", [Case((2, 19, 6, 11)).param(), Case((2, 19, 5, 7), layout="channels_last").param(),
+             Case((1, 150, 3, 5), reduction="none", weight=True).param(),
              Case((5, 67), dtype=torch.bfloat16, reduction="sum").param()],
 )  # fmt: skip
 def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch):
     # the sweep must time only kernels that compute the loss: each blocking, through the public entry
-    for config in _distinct_blockings(case.shape[1]):
+    positions_contiguous = len(case.shape) > 2 and case.layout != "channels_last"
+    for config in _distinct_blockings(case.shape[1], positions_contiguous):
         monkeypatch.setattr(
             tk, "kernel_config", lambda num_classes, positions_contiguous=True, extras=False, config=config: config
         )
@@ -92,7 +98,9 @@ def test_measured_sweep_runs_end_to_end_on_the_cpu(tmp_path, monkeypatch, capsys
     for case in cases:
         rows = [r for r in data["results"] if r["case"] == case.name]
         triton = [r for r in rows if r["backend"] == "triton"]
-        assert len(triton) == len(sweep.candidates(case.num_classes)) and all(r["status"] == "ok" for r in triton)
+        assert len(triton) == len(sweep.candidates(case.num_classes, case.positions_contiguous)) and all(
+            r["status"] == "ok" for r in triton
+        )
         assert sum(r["chosen"] for r in triton) == 1
         (cuda,) = [r for r in rows if r["backend"] == "cuda"]
         assert cuda["status"] == "skipped" and "cuda" in cuda["reason"]
