@@ -75,6 +75,7 @@ def _f32(x: float) -> float:
     """Round a Python float to the nearest float32 (the value a kernel argument carries); beyond
     float32's range inf, without numpy's overflow warning (a sigma that large gives scale inf and
     threshold 0: v = 1 everywhere)."""
+    x = float(x)  # a NumPy float32 would compare by casting the bound to float32, which overflows
     if abs(x) >= _F32_OVERFLOW:
         return math.copysign(math.inf, x)
     return float(np.float32(x))

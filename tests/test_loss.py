@@ -1,5 +1,7 @@
 """The public entry point and the nn.Module."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,7 +194,9 @@ def test_sigma_must_be_a_number(sigma, rng):
 
 def test_numpy_scalars_are_numbers(rng):
     logits, target, counts = _batch(rng)
-    loss_fn = BLVLoss(counts, np.float32(4.0), ignore_index=np.int64(255), label_smoothing=np.float64(0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy warned of an overflow when sigma was a float32
+        loss_fn = BLVLoss(counts, np.float32(4.0), ignore_index=np.int64(255), label_smoothing=np.float64(0.1))
     expected = BLVLoss(counts, 4.0, ignore_index=255, label_smoothing=0.1)
     assert torch.equal(loss_fn(logits, target, seed=1), expected(logits, target, seed=1))
 
