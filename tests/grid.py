@@ -3,7 +3,7 @@
 One case is a shape, a layout, a dtype and the loss's options. The grid covers every class-count
 regime of the kernels (C = 1, 2, below one Philox group of four, the
 Cityscapes/ADE/COCO-Stuff/ImageNet C, C above a class chunk, the Triton rows spread over 2 to 16
-warps or, with contiguous classes, over 2 to 64 lanes), odd spatial sizes and N = 1, every
+warps or, with contiguous classes, over 2 to 128 lanes), odd spatial sizes and N = 1, every
 layout (NCHW, channels_last, (N, C) rows, 3-D, sliced and permuted views), every dtype, ignore
 ratios 0 to 100%, every reduction, both weights, label smoothing, both modes and sigma in {0,
 0.5, 4, 6} (0.5 takes the Giles erfinv path, 4 and 6 the polynomial one). Shapes stay small: on
@@ -63,6 +63,7 @@ CASES = [
     Case((1, 300, 3, 3), reduction="sum"),
     Case((2, 33, 5, 7), layout="channels_last", weight=True),
     Case((3, 300), reduction="sum", label_smoothing=0.1),
+    Case((3, 2050), reduction="sum"),  # over 4 warps' lanes, a tail of one real group in 128
     # C = 1, 2, 3: below and at one Philox group of four classes
     Case((3, 1, 5, 7), reduction="none"),
     Case((4, 2, 3, 3), reduction="sum", mode="clamp"),
