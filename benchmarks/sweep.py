@@ -81,30 +81,27 @@ def candidates(num_classes: int, positions_contiguous: bool = True) -> list[tk.K
     two sweeps; each with every register cap."""
     chosen = tk.kernel_config(num_classes, positions_contiguous)
     groups = math.ceil(num_classes / 4)
+    sweeps = []
     if groups <= tk.ONE_THREAD_MAX_GROUPS:
         blockings = [chosen._replace(block_p=32 * warps, num_warps=warps) for warps in WARPS]
-        if not positions_contiguous:  # a row over 2 or 4 lanes: fewer lines a warp access, more instructions
-            blockings += [
-                tk.KernelConfig(32 // lanes, 1, main, tail, 0, None) for lanes in tk.LANES[:2]
-                for main, tail in [tk.class_blocks(groups, lanes)] if main >= lanes
-            ]  # fmt: skip
+        row_lanes = tk.ROW_LANES[:2]  # contiguous classes: a row over 2 or 4 lanes (fewer lines, more instructions)
     else:
         spread = [(warps, tk.class_blocks(groups, warps)) for warps in tk.ROW_WARPS]
         blockings = [
             tk.KernelConfig(32, warps, main, tail, 0, None) for warps, (main, tail) in spread
             if main >= warps and main + tail <= 2 * tk.ONE_THREAD_MAX_GROUPS * warps
         ]  # fmt: skip
-        if not positions_contiguous:  # (positions, warps): 32 / positions lanes a row in one warp, or 32 x warps
-            layouts = [(32 // lanes, 1) for lanes in tk.LANES] + [(1, warps) for warps in tk.ROW_WARPS]
-            for block_p, warps in layouts:
-                lanes = 32 * warps // block_p
-                main, tail = tk.class_blocks(groups, lanes)
-                if main >= lanes and main + tail <= 2 * tk.SPREAD_MAX_GROUPS * lanes:
-                    blockings.append(tk.KernelConfig(block_p, warps, main, tail, 0, None))
-        blockings += [
-            tk.KernelConfig(32 * warps, warps, 0, 0, chunk, None) for warps in WARPS for chunk in CHUNK_GROUPS
-        ]
-    variants = [blocking._replace(maxnreg=cap) for blocking in blockings for cap in REGISTER_CAPS]
+        sweeps = [tk.KernelConfig(32 * warps, warps, 0, 0, chunk, None) for warps in WARPS for chunk in CHUNK_GROUPS]
+        row_lanes = tk.ROW_LANES
+    if not positions_contiguous:
+        for lanes in row_lanes:
+            config = tk.across_lanes(groups, lanes)
+            if (
+                config.main_groups >= lanes
+                and config.main_groups + config.tail_groups <= 2 * tk.SPREAD_MAX_GROUPS * lanes
+            ):
+                blockings.append(config)
+    variants = [blocking._replace(maxnreg=cap) for blocking in blockings + sweeps for cap in REGISTER_CAPS]
     return list(dict.fromkeys([chosen, *variants]))
 
 

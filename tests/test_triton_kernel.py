@@ -129,8 +129,8 @@ def test_kernel_config_with_contiguous_classes():
         else:
             assert config.block_p == config.num_warps == 1 and config.chunk_groups == spread, config
             assert config.maxnreg == 128, config
-            assert groups > tk.SPREAD_MAX_GROUPS * 32 * tk.ROW_WARPS[-1], config
-    assert lanes_seen == {*tk.LANES, *(32 * w for w in tk.ROW_WARPS)}
+            assert groups > tk.SPREAD_MAX_GROUPS * tk.ROW_LANES[-1], config
+    assert lanes_seen == set(tk.ROW_LANES) and tk.ROW_LANES[-1] == 32 * tk.ROW_WARPS[-1]
 
 
 def test_the_loss_pass_takes_the_lean_register_cap_only_without_extras():

@@ -655,7 +655,7 @@ ONE_THREAD_MAX_GROUPS = 6
 LEAN_MAX_GROUPS = 5
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
-LANES = (2, 4, 8, 16, 32)  # contiguous classes: lanes a row's groups are spread over
+ROW_LANES = (2, 4, 8, 16, 32, 64, 128, 256, 512)  # contiguous classes: the lanes a row is spread over
 CHUNK_GROUPS = 2
 LABEL_BLOCK = 1024
 SCALE_BLOCK = 4096
@@ -690,7 +690,7 @@ def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: b
     """The loss kernel's blocks for C classes (see the table above): the row in registers, held by
     one thread up to ONE_THREAD_MAX_GROUPS groups of four; above, with contiguous positions (NCHW),
     spread over the fewest warps that leave a thread no more, else two sweeps over chunks of
-    CHUNK_GROUPS groups, one position a thread; with contiguous classes, ``_across_lanes``.
+    CHUNK_GROUPS groups, one position a thread; with contiguous classes, ``_contiguous_classes``.
     ``extras``: the kernel reads position weights, smooths the labels or stores a loss per
     position, which takes registers (a row in one thread gets the higher cap)."""
     groups = _cdiv(num_classes, 4)
@@ -698,7 +698,7 @@ def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: b
         cap = 96 if groups <= LEAN_MAX_GROUPS and not extras else 112
         return KernelConfig(128, 4, *class_blocks(groups, 1), 0, cap)
     if not positions_contiguous:
-        return _across_lanes(groups)
+        return _contiguous_classes(groups)
     for warps in ROW_WARPS:
         main, tail = class_blocks(groups, warps)
         if main + tail <= ONE_THREAD_MAX_GROUPS * warps:
@@ -706,20 +706,21 @@ def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: b
     return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
 
 
-def _across_lanes(groups: int) -> KernelConfig:
-    """Contiguous classes (channels_last, rows): a row's groups across the lanes of a warp, so that
-    a warp's load reads a few rows' consecutive classes (lanes across positions would read 32 rows,
-    one class each). One warp holds 32 / L positions' rows over L lanes each, L the fewest that
-    leave a lane at most SPREAD_MAX_GROUPS groups; a wider row takes the 32 lanes of 2 to 16 warps
-    (one position a program); a still wider one is swept twice by one warp, a group a lane a chunk."""
-    for lanes in LANES:
-        main, tail = class_blocks(groups, lanes)
-        if main + tail <= SPREAD_MAX_GROUPS * lanes:
-            return KernelConfig(32 // lanes, 1, main, tail, 0, None)
-    for warps in ROW_WARPS:
-        main, tail = class_blocks(groups, 32 * warps)
-        if main + tail <= SPREAD_MAX_GROUPS * 32 * warps:
-            return KernelConfig(1, warps, main, tail, 0, None)
+def across_lanes(groups: int, lanes: int) -> KernelConfig:
+    """A row of ``groups`` groups held over ``lanes`` lanes in one pass: up to 32 lanes, one warp
+    holds 32 / lanes positions' rows; above, 2 to 16 warps hold one position's."""
+    return KernelConfig(max(32 // lanes, 1), max(lanes // 32, 1), *class_blocks(groups, lanes), 0, None)
+
+
+def _contiguous_classes(groups: int) -> KernelConfig:
+    """Contiguous classes (channels_last, rows): a row's groups across lanes, so that a warp's load
+    reads a few rows' consecutive classes (lanes across positions would read 32 rows, one class
+    each), over the fewest ROW_LANES that leave a lane at most SPREAD_MAX_GROUPS groups; a wider
+    row is swept twice by one warp, a group a lane a chunk."""
+    for lanes in ROW_LANES:
+        config = across_lanes(groups, lanes)
+        if config.main_groups + config.tail_groups <= SPREAD_MAX_GROUPS * lanes:
+            return config
     return KernelConfig(1, 1, 0, 0, 32, 128)
 
 
