@@ -239,9 +239,9 @@ def line_accesses(launch: tk.Launch, programs: int = 32) -> float:
         elements += num_classes * max(0, min(block_p, positions - first_position))
         for start, groups, loads, stores in tiles:
             size = groups * block_p
-            for k in range(4):
-                for first in range(0, max(size, threads), 32):  # a warp's access (replicated below the threads)
-                    flat = [divmod(f % size, block_p) for f in range(first, first + 32)]
+            for first in range(0, max(size, threads), 32):  # a warp's access (replicated below the threads)
+                flat = [divmod(f % size, block_p) for f in range(first, first + 32)]
+                for k in range(4):  # the same access of each Philox word's tile
                     held = [(4 * (start + g) + k, first_position + p) for g, p in flat]
                     held = [(c, s) for c, s in held if c < num_classes and s < positions]
                     for tensor, times in (("x", loads), (stored, stores if writes else 0)):
