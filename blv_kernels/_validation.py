@@ -173,7 +173,7 @@ def real(name: str, value, *, minimum: float | None = None, maximum: float | Non
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     number = float(value)
-    inside = math.isfinite(number)
+    inside = -math.inf < number < math.inf  # math.isfinite, which torch.compile(dynamic=True) cannot trace
     inside &= minimum is None or number >= minimum
     inside &= maximum is None or number <= maximum
     inside &= below is None or number < below

@@ -99,6 +99,8 @@ def check_sigma(sigma) -> None:
         )
     if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (int, float, np.integer, np.floating)):
         raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+    if torch.compiler.is_compiling():  # sigma may be symbolic: variation_params_tensor checks it when it runs
+        return
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
 
@@ -126,12 +128,27 @@ def variation_params_tensor(sigma: float, device=None) -> torch.Tensor:
 
     Read from memory rather than passed as numbers, sigma can change at every step (a schedule)
     without recompiling a kernel or a ``torch.compile`` graph, and a replayed CUDA graph sees
-    the new value. Filled on the device: no host-to-device copy, no sync.
+    the new value. Filled on the device: no host-to-device copy, no sync. While ``torch.compile``
+    traces, one opaque op (sigma may be symbolic there; the host's ``math.erf`` runs when it does).
     """
+    if torch.compiler.is_compiling():
+        # an op's float argument is specialized (a graph per sigma), and so is torch.full's; a sum is not
+        sigma = torch.zeros((), dtype=torch.float64) + sigma
+        return _traced_variation_params(sigma, torch.device("cpu") if device is None else torch.device(device))
     params = variation_params(sigma, "abs")
     out = torch.full((2,), params.scale, dtype=torch.float32, device=device)
     out[1].fill_(params.threshold)
     return out
+
+
+@torch.library.custom_op("blv_kernels::variation_params", mutates_args=())
+def _traced_variation_params(sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return variation_params_tensor(sigma.item(), device)  # a CPU tensor: no sync
+
+
+@_traced_variation_params.register_fake
+def _(sigma, device):
+    return torch.empty(2, dtype=torch.float32, device=device)
 
 
 def device_variation_params(params: torch.Tensor, mode: str) -> VariationParams:

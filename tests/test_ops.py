@@ -5,6 +5,7 @@ for what the fused backends do not support."""
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch._inductor.config
 from grid import DEVICE, HAS_CUDA
 from test_backends import FUSED, skip_unless_runs
@@ -292,6 +293,32 @@ def test_compile_takes_a_changing_offset_and_ignore_index(backend, rng):
     step = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for offset, ignore_index in ((0, 255), (7, 254), (9, 3)):
         torch.testing.assert_close(step(offset, ignore_index), loss(offset, ignore_index))
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_functional_form_compiles_with_a_changing_sigma(backend, dynamic, rng):
+    # with dynamic=True sigma, a number argument, is symbolic: its constants are the host's math.erf,
+    # which a trace cannot run (fullgraph failed), and the checks of numbers may not branch on it
+    if backend != "reference":
+        skip_unless_runs(backend)
+    torch._dynamo.reset()
+    counts = torch.randint(1, 10**5, (6,), generator=rng).tolist()
+    x, t = torch.randn(2, 6, 4, 4, generator=rng), torch.randint(0, 6, (2, 4, 4), generator=rng)
+
+    def loss(sigma):
+        return blv_cross_entropy(x, t, class_counts=counts, sigma=sigma, seed=5, backend=backend)
+
+    compiles = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(loss, fullgraph=True, dynamic=dynamic, backend=compiles)
+    torch.testing.assert_close(step(6.0), loss(6.0))
+    first = compiles.frame_count
+    for sigma in (4.0, 0.5, 2.5):  # both erfinv paths
+        torch.testing.assert_close(step(sigma), loss(sigma))
+    if dynamic:  # no recompile (automatic: torch specializes a float argument, a graph for each sigma)
+        assert compiles.frame_count == first
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0, got -1.0"):
+        step(-1.0)
 
 
 @pytest.mark.parametrize("backend", [*FUSED, "reference"])
