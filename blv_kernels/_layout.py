@@ -7,13 +7,14 @@ rows, expanded views do). Other views are copied (inputs) or allocated contiguou
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .problem import BLVProblem
 
-__all__ = ["spatial_stride", "as_ncs", "empty_gradient", "NCSTensors", "ncs_tensors"]
+__all__ = ["spatial_stride", "as_ncs", "empty_gradient", "NCSLayout", "ncs_layout", "NCSTensors", "ncs_tensors"]
 
 
 def spatial_stride(shape, strides) -> int | None:
@@ -46,6 +47,51 @@ def empty_gradient(logits: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+STRIDE_NAMES = ("stride_xn", "stride_xc", "stride_xs", "stride_tn", "stride_ts", "stride_wn", "stride_ws",
+                "stride_gn", "stride_gc", "stride_gs")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NCSLayout:
+    """How a problem's tensors are addressed, from their shapes and strides alone: which inputs are
+    copied first, the gradient buffer's strides, and the (N, [C,] S) strides of each."""
+
+    logits_shape: torch.Size
+    copy_logits: bool
+    copy_target: bool
+    copy_position_weight: bool
+    grad_strides: tuple[int, ...] | None  # None unless compute_grad
+    strides: tuple[int, ...]  # the values of STRIDE_NAMES (0 for a missing tensor)
+
+
+@functools.lru_cache(maxsize=1024)
+def ncs_layout(logits_shape: torch.Size, logits_strides: tuple[int, ...], target_strides: tuple[int, ...],
+               position_weight_strides: tuple[int, ...] | None, compute_grad: bool) -> NCSLayout:  # fmt: skip
+    """The layout of tensors of these strides (the target and the position weight have the logits'
+    shape without C): ``as_ncs`` and ``empty_gradient`` run once per key, on meta tensors, rather
+    than at every call (a few microseconds of the host's time per loss)."""
+    target_shape = logits_shape[:1] + logits_shape[2:]
+
+    def meta(shape, strides):
+        return torch.empty_strided(shape, strides, device="meta")
+
+    logits, target = meta(logits_shape, logits_strides), meta(target_shape, target_strides)
+    addressed_logits, x_strides = as_ncs(logits, 2)
+    addressed_target, t_strides = as_ncs(target, 1)
+    copy_weight, w_strides = False, (0, 0)
+    if position_weight_strides is not None:
+        weight = meta(target_shape, position_weight_strides)
+        addressed_weight, w_strides = as_ncs(weight, 1)
+        copy_weight = addressed_weight is not weight
+    grad_strides, g_strides = None, (0, 0, 0)
+    if compute_grad:
+        grad = empty_gradient(logits)
+        _, g_strides = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
+        grad_strides = grad.stride()
+    return NCSLayout(logits_shape, addressed_logits is not logits, addressed_target is not target, copy_weight,
+                     grad_strides, (*x_strides, *t_strides, *w_strides, *g_strides))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class NCSTensors:
     """A problem's tensors as a fused backend's kernels address them (``as_ncs``), and the gradient's buffer."""
@@ -55,18 +101,18 @@ class NCSTensors:
     position_weight: torch.Tensor | None
     grad: torch.Tensor | None  # None unless compute_grad
     strides: dict[str, int]  # stride_x{n,c,s}, stride_t{n,s}, stride_w{n,s}, stride_g{n,c,s} (0 for a missing tensor)
+    layout: NCSLayout
 
 
 def ncs_tensors(problem: BLVProblem, *, compute_grad: bool) -> NCSTensors:
-    logits, (sxn, sxc, sxs) = as_ncs(problem.logits, 2)
-    target, (stn, sts) = as_ncs(problem.target, 1)
-    position_weight, (swn, sws) = None, (0, 0)
-    if problem.position_weight is not None:
-        position_weight, (swn, sws) = as_ncs(problem.position_weight, 1)
-    grad, (sgn, sgc, sgs) = None, (0, 0, 0)
+    logits, target, weight = problem.logits, problem.target, problem.position_weight
+    layout = ncs_layout(logits.shape, logits.stride(), target.stride(), None if weight is None else weight.stride(),
+                        compute_grad)  # fmt: skip
+    grad = None
     if compute_grad:
-        grad = empty_gradient(problem.logits)
-        _, (sgn, sgc, sgs) = as_ncs(grad, 2)  # no copy: empty_gradient gives an (N, C, S) layout
-    strides = dict(stride_xn=sxn, stride_xc=sxc, stride_xs=sxs, stride_tn=stn, stride_ts=sts, stride_wn=swn,
-                   stride_ws=sws, stride_gn=sgn, stride_gc=sgc, stride_gs=sgs)  # fmt: skip
-    return NCSTensors(logits, target, position_weight, grad, strides)
+        grad = torch.empty_strided(logits.shape, layout.grad_strides, dtype=logits.dtype, device=logits.device)
+    return NCSTensors(
+        logits.contiguous() if layout.copy_logits else logits, target.contiguous() if layout.copy_target else target,
+        weight.contiguous() if layout.copy_position_weight else weight, grad,
+        dict(zip(STRIDE_NAMES, layout.strides, strict=True)), layout,
+    )  # fmt: skip

@@ -1,12 +1,13 @@
 """The layout rule every fused backend shares (blv_kernels/_layout.py): which views are read in
-place through (N, [C,] S) strides, which are copied, and the gradient's buffer."""
+place through (N, [C,] S) strides, which are copied, the gradient's buffer, and its cache."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from blv_kernels._layout import as_ncs, empty_gradient, spatial_stride
+from blv_kernels._layout import as_ncs, empty_gradient, ncs_tensors, spatial_stride
 
 
 @pytest.mark.parametrize(
@@ -79,3 +80,48 @@ def test_gradient_buffer_keeps_an_addressable_layout(layout, rng):
     else:
         assert grad.stride() == x.stride()
     assert spatial_stride(grad.shape[2:], grad.stride()[2:]) is not None
+
+
+@pytest.mark.parametrize(
+    "layout", ["contiguous", "channels_last", "class-sliced", "rows", "cropped", "permuted", "expanded", "empty"]
+)
+@pytest.mark.parametrize("with_weight", [False, True], ids=["", "position-weight"])
+@pytest.mark.parametrize("compute_grad", [False, True], ids=["", "grad"])
+def test_cached_layout_is_the_tensors_own(layout, with_weight, compute_grad, rng):
+    # ncs_tensors reads the layout of each shape and strides from a cache computed on meta tensors:
+    # the copies, strides and gradient buffer must be those of the real tensors' rule
+    x = torch.randn(3, 6, 5, 9, generator=rng)
+    logits = {
+        "contiguous": x,
+        "channels_last": x.to(memory_format=torch.channels_last),
+        "class-sliced": torch.randn(3, 12, 5, 9, generator=rng)[:, ::2],
+        "rows": x[:, :, 0, 0],
+        "cropped": x[..., 1:8],
+        "permuted": torch.randn(3, 5, 6, 9, generator=rng).permute(0, 2, 1, 3),
+        "expanded": torch.randn(1, 6, 1, 1, generator=rng).expand(3, 6, 5, 9),
+        "empty": x[:, :, :0],
+    }[layout]
+    target_shape = logits.shape[:1] + logits.shape[2:]
+    target = torch.randint(0, 6, target_shape[::-1], generator=rng).permute(*range(len(target_shape))[::-1])
+    weight = torch.rand(target_shape, generator=rng).mT if with_weight and target.dim() > 1 else None
+    problem = SimpleNamespace(logits=logits, target=target, position_weight=weight)
+    t = ncs_tensors(problem, compute_grad=compute_grad)
+    expected = {}
+    for key, tensor, lead in (("x", logits, 2), ("t", target, 1), ("w", weight, 1)):
+        addressed, strides = (None, (0,) * (lead + 1)) if tensor is None else as_ncs(tensor, lead)
+        dims = "ncs" if lead == 2 else "ns"
+        expected |= {f"stride_{key}{d}": stride for d, stride in zip(dims, strides, strict=True)}
+        got = {"x": t.logits, "t": t.target, "w": t.position_weight}[key]
+        if tensor is not None:
+            assert (got.data_ptr() == tensor.data_ptr()) == (addressed.data_ptr() == tensor.data_ptr())
+            assert got.stride() == addressed.stride() and torch.equal(got, tensor)
+    if not compute_grad:
+        assert t.grad is None and t.strides == expected | {"stride_gn": 0, "stride_gc": 0, "stride_gs": 0}
+        return
+    grad = empty_gradient(logits)
+    assert (t.grad.shape, t.grad.dtype) == (grad.shape, grad.dtype)
+    if logits.numel():  # (no elements: any strides do, and meta's empty_like gives other ones than the CPU's)
+        assert t.grad.stride() == grad.stride()
+        assert t.strides == expected | dict(
+            zip(("stride_gn", "stride_gc", "stride_gs"), as_ncs(grad, 2)[1], strict=True)
+        )

@@ -157,3 +157,29 @@ def test_scale_kernel(dtype, rng):
     factor = torch.tensor(-0.37, device=DEVICE)
     tk.scale_grad_(grad, factor)
     torch.testing.assert_close(grad, (before.float() * factor).to(dtype))
+
+
+def _meta(shape, strides=None):
+    return torch.empty_strided(shape, strides or torch.empty(shape, device="meta").stride(), device="meta")
+
+
+@pytest.mark.parametrize(
+    "logits, runs, spatial, xn, xs, index_64",
+    [
+        (_meta((2, 19, 4, 5)), 2, 20, 380, 1, False),  # NCHW: a run per sample
+        (_meta((2, 19, 4, 5), (380, 1, 95, 19)), 1, 40, 0, 19, False),  # channels_last: the batch is one run
+        (_meta((6, 1000)), 1, 6, 0, 1000, False),  # rows: the batch stride steps between positions
+        (_meta((4, 19, 8192, 8192)), 4, 2**26, 19 * 2**26, 1, True),  # 5.1e9 elements
+        (_meta((1, 19, 1024, 1024)), 1, 2**20, 19 * 2**20, 1, False),
+        (_meta((1, 1, 2**29 + 1), (2**31 + 4, 2**31 + 4, 4)), 1, 2**29 + 1, 2**31 + 4, 4, True),  # offsets to 2**31
+    ],
+    ids=["nchw", "channels_last", "rows", "huge", "large", "strided"],
+)
+def test_addressed_runs_and_64_bit_offsets(logits, runs, spatial, xn, xs, index_64):
+    # Addressed reads its runs and index width from a per-layout cache: by hand here, on meta tensors
+    target = _meta(logits.shape[:1] + logits.shape[2:])
+    problem = dataclasses.make_dataclass("P", ["logits", "target", "position_weight"])(logits, target, None)
+    view = tk.Addressed.of(problem, compute_grad=True)
+    assert (view.runs, view.spatial, view.strides["stride_xn"], view.strides["stride_xs"]) == (runs, spatial, xn, xs)
+    assert view.index_64 == index_64
+    assert view.grad.shape == logits.shape

@@ -41,6 +41,7 @@ contiguous), channels_last and (N, C) rows (classes contiguous) need no copy.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import noise
-from .._layout import ncs_tensors
+from .._layout import STRIDE_NAMES, NCSLayout, ncs_tensors
 from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 
 __all__ = ["forward", "scale_grad_", "kernel_config", "KernelConfig"]
@@ -772,21 +773,30 @@ class Addressed:
     @classmethod
     def of(cls, problem: BLVProblem, *, compute_grad: bool) -> Addressed:
         t = ncs_tensors(problem, compute_grad=compute_grad)
-        strides = dict(t.strides)
-        batch, positions = t.logits.shape[0], problem.positions
-        spatial = positions // batch if batch else 0
-        per_position = [(f"stride_{k}n", f"stride_{k}s") for k in "xtwg"]
-        runs = batch
-        if batch > 1 and all(spatial == 1 or strides[n] == spatial * strides[s] for n, s in per_position):
-            runs, spatial = 1, positions
-            for n, s in per_position:  # with one position per sample, the batch stride steps between positions
-                strides[s], strides[n] = strides[n] if positions == batch else strides[s], 0
-        largest_offset = max(
-            sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride(), strict=True)) if x.numel() else 0
-            for x in (t.logits, t.target, t.logits if t.grad is None else t.grad)
-        )  # fmt: skip
-        return cls(t.logits, t.target, t.position_weight, t.grad, runs, spatial, strides,
-                   max(largest_offset, positions) >= 2**31)  # fmt: skip
+        runs, spatial, strides, index_64 = _runs(t.layout)
+        return cls(t.logits, t.target, t.position_weight, t.grad, runs, spatial, dict(strides), index_64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs(layout: NCSLayout) -> tuple[int, int, tuple[tuple[str, int], ...], bool]:
+    """(runs, spatial, strides, index_64) of ``Addressed`` for a layout, once per layout."""
+    strides = dict(zip(STRIDE_NAMES, layout.strides, strict=True))
+    batch, classes = layout.logits_shape[:2]
+    positions = batch * math.prod(layout.logits_shape[2:])
+    spatial = positions // batch if batch else 0
+    per_position = [(f"stride_{k}n", f"stride_{k}s") for k in "xtwg"]
+    # the largest element offset of the logits, target and gradient, read through (N, [C,] S)
+    largest_offset = max(
+        ((batch - 1) * abs(strides[f"stride_{k}n"]) + (classes - 1) * abs(strides.get(f"stride_{k}c", 0))
+         + (spatial - 1) * abs(strides[f"stride_{k}s"])) if positions else 0
+        for k in "xtg"
+    )  # fmt: skip
+    runs = batch
+    if batch > 1 and all(spatial == 1 or strides[n] == spatial * strides[s] for n, s in per_position):
+        runs, spatial = 1, positions
+        for n, s in per_position:  # with one position per sample, the batch stride steps between positions
+            strides[s], strides[n] = strides[n] if positions == batch else strides[s], 0
+    return runs, spatial, tuple(strides.items()), max(largest_offset, positions) >= 2**31
 
 
 def label_launch(problem: BLVProblem, view: Addressed) -> Launch:
