@@ -2,9 +2,9 @@
 # The project's one prepared GPU check: the CUDA C++ build, the tests only a card runs (CUDA
 # graphs, sync-debug, full sizes, > 2**31 elements; --full: every test, each fused backend's
 # grid on the card too), a compute-sanitizer memcheck of each fused backend where the tool
-# exists, the loss micro-benchmarks, the training benchmark and the static reports, with logs,
-# JSON and plots written to OUTDIR and a summary printed last (the static estimate beside the
-# measured times, so the model can be recalibrated).
+# exists, the loss micro-benchmarks, the training benchmark, the host's time per eager call and
+# the static reports, with logs, JSON and plots written to OUTDIR and a summary printed last (the
+# static estimate beside the measured times, so the model can be recalibrated).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--full | --sweep]
 #
@@ -130,6 +130,8 @@ LOSS_CAP=$(cap $LOSS_MAX 90)
 run_stage loss "$LOSS_CAP" "$PY" -m benchmarks.loss "${QUICK[@]}" --budget-s $((LOSS_CAP - 30)) --out "$OUT"
 TRAIN_CAP=$(cap $TRAIN_MAX 40)
 run_stage training "$TRAIN_CAP" "$PY" -m benchmarks.training "${QUICK[@]}" --budget-s $((TRAIN_CAP - 30)) --out "$OUT"
+# the host's Python per eager call on this machine's CPU, beside this project's CPU's (benchmarks/RESULTS.md)
+run_stage host "$(cap 40 60)" env -u TRITON_INTERPRET "$PY" -m benchmarks.host --calls 300
 # the static estimates (compiled, not run), to set beside the measured times
 run_stage static "$(cap $STATIC_MAX 0)" env -u TRITON_INTERPRET bash -c "\
 $PY -m benchmarks.static_report --json ${STATIC_CASES[*]} > '$OUT/static_report.json' && { $PY -m benchmarks.cuda_static_report || true; }"

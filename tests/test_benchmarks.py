@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import blv_kernels
-from benchmarks import common, loss, plots, sass, summary, training
+from benchmarks import common, host, loss, plots, sass, summary, training
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -422,3 +422,17 @@ def test_static_estimate_beside_the_measured_time():
     lines = summary.static_summary(static, loss_data, sweep_data).splitlines()
     matched = next(line for line in lines if line.startswith("8x19x512x1024-fp32-nchw")).split()
     assert matched[1:] == ["60.0", "0.300", "issue", "0.450", "graph", "1.50", "0.33"]
+
+
+def test_host_times_each_provider_and_puts_the_triton_launches_back(capsys):
+    pytest.importorskip("triton")
+    from blv_kernels.backends import triton_kernel
+
+    launch, interpret = triton_kernel.Launch.__call__, os.environ.get("TRITON_INTERPRET")
+    assert host.main(["--calls", "3"]) == 0
+    assert triton_kernel.Launch.__call__ is launch and os.environ.get("TRITON_INTERPRET") == interpret
+    printed = capsys.readouterr().out.splitlines()[1:]
+    rows = dict(re.match(r"\s+(F\.cross_entropy|BLV \w+)\s+(.+)", row).groups() for row in printed)
+    assert list(rows) == ["F.cross_entropy", "BLV cpu", "BLV triton"]
+    for provider, text in rows.items():  # (the CPU kernel needs a C++ compiler)
+        assert re.match(r"[\d.]+ us +[\d.]+x", text) or (provider == "BLV cpu" and text.startswith("not run ("))
