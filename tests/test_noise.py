@@ -224,3 +224,13 @@ def test_bad_arguments(kwargs, error, match):
     args = {"shape": (2, 3), "sigma": 1.0, "seed": 0, **kwargs}
     with pytest.raises(error, match=match):
         variation(args.pop("shape"), args.pop("sigma"), **args)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 6.0])
+def test_traced_variation_params_op_is_the_host_arithmetic(sigma):
+    # what torch.compile runs for variation_params_tensor: one op, sigma a float64 CPU tensor
+    op, sigma_tensor = torch.ops.blv_kernels.variation_params, torch.tensor(sigma, dtype=torch.float64)
+    torch.library.opcheck(op, (sigma_tensor, torch.device("cpu")))
+    assert torch.equal(op(sigma_tensor, torch.device("cpu")), noise.variation_params_tensor(sigma))
+    with pytest.raises(ValueError, match="sigma must be a finite number >= 0, got nan"):
+        op(torch.tensor(math.nan, dtype=torch.float64), torch.device("cpu"))

@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from grid import DEVICE, HAS_CUDA, Case, check_matches_reference
+from grid import DEVICE, HAS_CUDA, Case, check_matches_reference, make_inputs
 
 from benchmarks import common, sass, static_report, sweep
 from blv_kernels.backends import triton_kernel as tk
@@ -66,8 +67,10 @@ def _distinct_blockings(num_classes: int, positions_contiguous: bool) -> list[tk
 )  # fmt: skip
 def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch):
     # the sweep must time only kernels that compute the loss: each blocking, through the public entry
-    positions_contiguous = len(case.shape) > 2 and case.layout != "channels_last"
-    for config in _distinct_blockings(case.shape[1], positions_contiguous):
+    inputs = make_inputs(case, rng)
+    view = tk.Addressed.of(SimpleNamespace(logits=inputs.logits, target=inputs.target, position_weight=None),
+                           compute_grad=True)  # fmt: skip
+    for config in _distinct_blockings(case.shape[1], view.positions_contiguous):
         monkeypatch.setattr(
             tk, "kernel_config", lambda num_classes, positions_contiguous=True, extras=False, config=config: config
         )

@@ -6,6 +6,7 @@ compiled code's registers, spills and instruction budget in test_static_report.p
 """
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -178,8 +179,7 @@ def _meta(shape, strides=None):
 def test_addressed_runs_and_64_bit_offsets(logits, runs, spatial, xn, xs, index_64):
     # Addressed reads its runs and index width from a per-layout cache: by hand here, on meta tensors
     target = _meta(logits.shape[:1] + logits.shape[2:])
-    problem = dataclasses.make_dataclass("P", ["logits", "target", "position_weight"])(logits, target, None)
-    view = tk.Addressed.of(problem, compute_grad=True)
+    view = tk.Addressed.of(SimpleNamespace(logits=logits, target=target, position_weight=None), compute_grad=True)
     assert (view.runs, view.spatial, view.strides["stride_xn"], view.strides["stride_xs"]) == (runs, spatial, xn, xs)
     assert view.index_64 == index_64
     assert view.grad.shape == logits.shape
