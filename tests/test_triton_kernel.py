@@ -183,3 +183,13 @@ def test_addressed_runs_and_64_bit_offsets(logits, runs, spatial, xn, xs, index_
     assert (view.runs, view.spatial, view.strides["stride_xn"], view.strides["stride_xs"]) == (runs, spatial, xn, xs)
     assert view.index_64 == index_64
     assert view.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("far", ["target", "position_weight"])
+def test_64_bit_offsets_of_a_tiny_batch_whose_labels_or_weights_lie_far_apart(far):
+    # 3 x 2 x 1 x 2 logits, but one per-position tensor's samples 2**30 elements apart: offsets reach 2**31
+    # (a position weight's were left out of the index width: the Triton kernel read out of bounds)
+    logits, near = _meta((3, 2, 1, 2)), _meta((3, 1, 2))
+    tensors = {"target": near, "position_weight": near} | {far: _meta((3, 1, 2), (2**30, 2, 1))}
+    view = tk.Addressed.of(SimpleNamespace(logits=logits, **tensors), compute_grad=True)
+    assert view.index_64

@@ -785,11 +785,11 @@ def _runs(layout: NCSLayout) -> tuple[int, int, tuple[tuple[str, int], ...], boo
     positions = batch * math.prod(layout.logits_shape[2:])
     spatial = positions // batch if batch else 0
     per_position = [(f"stride_{k}n", f"stride_{k}s") for k in "xtwg"]
-    # the largest element offset of the logits, target and gradient, read through (N, [C,] S)
+    # the largest element offset of the logits, target, position weight and gradient, read through (N, [C,] S)
     largest_offset = max(
         ((batch - 1) * abs(strides[f"stride_{k}n"]) + (classes - 1) * abs(strides.get(f"stride_{k}c", 0))
          + (spatial - 1) * abs(strides[f"stride_{k}s"])) if positions else 0
-        for k in "xtg"
+        for k in "xtwg"
     )  # fmt: skip
     runs = batch
     if batch > 1 and all(spatial == 1 or strides[n] == spatial * strides[s] for n, s in per_position):
