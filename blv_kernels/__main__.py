@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import __version__, class_weights
+from . import __version__, class_weights, noise
 from ._validation import INT64_MAX, INT64_MIN
 from .backends import BACKEND_NAMES, get_backend
 from .integrations.dataset_counts import MAX_CLASSES, count_label_files, find_label_files, save_counts
@@ -79,8 +78,10 @@ def _sigma(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    try:
+        noise.check_sigma(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, {noise.SIGMA_MAX:g}], got {text}") from None
     return value
 
 

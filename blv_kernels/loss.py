@@ -146,7 +146,7 @@ def blv_cross_entropy_from_weights(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if variation_params is None:
-        noise.check_sigma(sigma)
+        noise.check_sigma(sigma, value=not torch.compiler.is_compiling())
         variation_params = noise.variation_params_tensor(sigma, device)
         draw = sigma > 0
     else:

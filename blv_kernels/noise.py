@@ -68,16 +68,15 @@ ERFINV_GILES_TAIL = (
 )  # fmt: skip
 
 
-_F32_OVERFLOW = 2.0**128 - 2.0**103  # the midpoint above float32's largest: from here on a rounding gives inf
+# The largest sigma: beyond ~6.8e37 the threshold erf(1 / (sigma*sqrt(2))) is no normal float32 (a GPU
+# may flush it to 0, and then v = 1 where t = 0 and clamp mode wants 0), and from ~2.4e38 the scale
+# overflows (inf * erfinv(0) = NaN). Long before that v = 1 for every word but t = 0: no use for more.
+SIGMA_MAX = 1e37
 
 
 def _f32(x: float) -> float:
-    """Round a Python float to the nearest float32 (the value a kernel argument carries); beyond
-    float32's range inf, without numpy's overflow warning (a sigma that large gives scale inf and
-    threshold 0: v = 1 everywhere)."""
-    x = float(x)  # a NumPy float32 would compare by casting the bound to float32, which overflows
-    if abs(x) >= _F32_OVERFLOW:
-        return math.copysign(math.inf, x)
+    """Round a Python float (within float32's range: sigma <= SIGMA_MAX) to the nearest float32, the
+    value the kernels read."""
     return float(np.float32(x))
 
 
@@ -91,7 +90,9 @@ class VariationParams(NamedTuple):
     clamp_mode: bool  # mode == "clamp"
 
 
-def check_sigma(sigma) -> None:
+def check_sigma(sigma, *, value: bool = True) -> None:
+    """A number (not a tensor), in [0, SIGMA_MAX] unless ``value`` is False (a traced call, where sigma
+    may be symbolic: ``variation_params_tensor``'s op checks it when the graph runs)."""
     if isinstance(sigma, torch.Tensor):
         raise TypeError(
             "sigma must be a Python number, got a tensor: to change sigma during training without a sync or a "
@@ -99,10 +100,8 @@ def check_sigma(sigma) -> None:
         )
     if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (int, float, np.integer, np.floating)):
         raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
-    if torch.compiler.is_compiling():  # sigma may be symbolic: variation_params_tensor checks it when it runs
-        return
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if value and not 0 <= sigma <= SIGMA_MAX:  # (NaN fails the comparison)
+        raise ValueError(f"sigma must be a number in [0, {SIGMA_MAX:g}], got {sigma!r}")
 
 
 def check_mode(mode: str) -> None:
@@ -128,13 +127,15 @@ def variation_params_tensor(sigma: float, device=None) -> torch.Tensor:
 
     Read from memory rather than passed as numbers, sigma can change at every step (a schedule)
     without recompiling a kernel or a ``torch.compile`` graph, and a replayed CUDA graph sees
-    the new value. Filled on the device: no host-to-device copy, no sync. While ``torch.compile``
-    traces, one opaque op (sigma may be symbolic there; the host's ``math.erf`` runs when it does).
+    the new value. Filled on the device: no host-to-device copy, no sync. A symbolic sigma (under
+    ``torch.compile(dynamic=True)``, or once a changing one is) goes through one op, which runs the
+    host's ``math.erf`` when the graph runs: a host node in the graph.
     """
     if torch.compiler.is_compiling():
-        # an op's float argument is specialized (a graph per sigma), and so is torch.full's; a sum is not
-        sigma = torch.zeros((), dtype=torch.float64) + sigma
-        return _traced_variation_params(sigma, torch.device("cpu") if device is None else torch.device(device))
+        # as a float64 CPU tensor: an op's float argument would be specialized (a graph per sigma), and so
+        # would torch.full's; a sum is not
+        device = torch.get_default_device() if device is None else torch.device(device)
+        return _traced_variation_params(torch.zeros((), dtype=torch.float64, device="cpu") + sigma, device)
     params = variation_params(sigma, "abs")
     out = torch.full((2,), params.scale, dtype=torch.float32, device=device)
     out[1].fill_(params.threshold)
@@ -143,12 +144,17 @@ def variation_params_tensor(sigma: float, device=None) -> torch.Tensor:
 
 @torch.library.custom_op("blv_kernels::variation_params", mutates_args=())
 def _traced_variation_params(sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return variation_params_tensor(sigma.item(), device)  # a CPU tensor: no sync
+    """``variation_params_tensor(sigma)``, sigma a 0-dim float64 CPU tensor (reading it: no sync)."""
+    if sigma.shape != () or sigma.dtype != torch.float64 or sigma.device.type != "cpu":
+        raise TypeError(f"sigma must be a 0-dim float64 CPU tensor, got shape {tuple(sigma.shape)} {sigma.dtype} on "
+                        f"{sigma.device}")  # fmt: skip
+    return variation_params_tensor(sigma.item(), device)
 
 
 @_traced_variation_params.register_fake
 def _(sigma, device):
-    return torch.empty(2, dtype=torch.float32, device=device)
+    # (a meta sigma outside a fake mode comes here too: its output is meta, not memory on `device`)
+    return torch.empty(2, dtype=torch.float32, device="meta" if sigma.device.type == "meta" else device)
 
 
 def device_variation_params(params: torch.Tensor, mode: str) -> VariationParams:

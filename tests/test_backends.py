@@ -19,7 +19,7 @@ from grid import (
     make_inputs,
 )
 
-from blv_kernels import backends, blv_cross_entropy
+from blv_kernels import backends, blv_cross_entropy, noise
 from blv_kernels.backends import BACKENDS, resolve_backend
 
 FUSED = [name for name, backend in BACKENDS.items() if backend.fused]
@@ -149,6 +149,19 @@ def test_logits_that_round_to_one_value_give_a_uniform_softmax(fused, sigma, rng
     torch.testing.assert_close(loss, torch.full_like(loss, math.log(19)))
     expected = torch.full_like(grad, 1 / 19) - torch.nn.functional.one_hot(target, 19).permute(0, 2, 1)
     torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("mode", ["abs", "clamp"])
+def test_largest_sigma_matches_the_reference_where_eps_is_zero(fused, mode, rng):
+    # position 10460476 of seed 1 draws t = 0 for class 3: v = 0 there on every backend (above
+    # SIGMA_MAX, refused now, the reference gave NaN and the fused kernels 1)
+    x = torch.randn(1, 4, 3, generator=rng).to(DEVICE)
+    target = torch.randint(0, 4, (1, 3), generator=rng).to(DEVICE)
+    options = dict(sigma=noise.SIGMA_MAX, seed=1, offset=10460476, mode=mode, reduction="none")
+    loss, grad = _loss_grad(fused, x, target, [8, 4, 2, 1], **options)
+    expected_loss, expected_grad = _loss_grad("reference", x, target, [8, 4, 2, 1], **options)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
 
 
 def test_layout_does_not_change_the_result(fused, rng):

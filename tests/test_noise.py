@@ -198,10 +198,15 @@ def test_sigma_zero_gives_zero_variation():
     assert torch.equal(variation((2, 5, 7), 0.0, seed=3, mode="clamp"), torch.zeros(2, 5, 7))
 
 
-@pytest.mark.filterwarnings("error")  # no overflow warning from the float32 rounding
-def test_sigma_beyond_float32_gives_one():
-    # scale sigma*sqrt(2) rounds to inf, the threshold erf(1/scale) to 0: v = 1 wherever eps is >= 0
-    assert torch.equal(variation((2, 5, 7), 1e300, seed=3), torch.ones(2, 5, 7))
+@pytest.mark.parametrize("mode", ["abs", "clamp"])
+def test_largest_sigma_gives_one_but_where_eps_is_zero(mode):
+    # sigma = SIGMA_MAX: the threshold is still a normal float32 and the scale finite, so a word with
+    # t = 0 (|eps| = 0; clamp mode: eps <= 0) gives v = 0, not NaN (inf * 0) nor 1 (a threshold of 0).
+    # Element 3 of position 10460476 under seed 1 has t = 0 in abs mode.
+    v = variation((1, 4), noise.SIGMA_MAX, seed=1, offset=10460476, mode=mode)
+    assert v.tolist() == [[1.0, 1.0, 1.0, 0.0]] if mode == "abs" else ((v == 0) | (v == 1)).all()
+    clamp_zero = variation((64, 4), noise.SIGMA_MAX, seed=1, mode="clamp") == 0  # eps <= 0: half of them
+    assert 0.3 < clamp_zero.float().mean() < 0.7
 
 
 @pytest.mark.parametrize(
@@ -210,6 +215,7 @@ def test_sigma_beyond_float32_gives_one():
         ({"shape": (5,)}, ValueError, "at least 2"),
         ({"sigma": -1.0}, ValueError, "sigma"),
         ({"sigma": float("nan")}, ValueError, "sigma"),
+        ({"sigma": 1.01e37}, ValueError, r"sigma must be a number in \[0, 1e\+37\], got 1.01e\+37"),
         ({"mode": "gauss"}, ValueError, "mode"),
         ({"seed": -1}, ValueError, "seed"),
         ({"seed": 2**64}, ValueError, "seed"),
@@ -217,7 +223,7 @@ def test_sigma_beyond_float32_gives_one():
         ({"seed": torch.tensor([1.0])}, TypeError, "seed"),
         ({"offset": -3}, ValueError, "offset"),
     ],
-    ids=["1d-shape", "negative-sigma", "nan-sigma", "mode", "negative-seed", "big-seed", "float-seed",
+    ids=["1d-shape", "negative-sigma", "nan-sigma", "huge-sigma", "mode", "negative-seed", "big-seed", "float-seed",
          "float-seed-tensor", "negative-offset"],
 )  # fmt: skip
 def test_bad_arguments(kwargs, error, match):
@@ -229,8 +235,13 @@ def test_bad_arguments(kwargs, error, match):
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 6.0])
 def test_traced_variation_params_op_is_the_host_arithmetic(sigma):
     # what torch.compile runs for variation_params_tensor: one op, sigma a float64 CPU tensor
-    op, sigma_tensor = torch.ops.blv_kernels.variation_params, torch.tensor(sigma, dtype=torch.float64)
-    torch.library.opcheck(op, (sigma_tensor, torch.device("cpu")))
-    assert torch.equal(op(sigma_tensor, torch.device("cpu")), noise.variation_params_tensor(sigma))
-    with pytest.raises(ValueError, match="sigma must be a finite number >= 0, got nan"):
-        op(torch.tensor(math.nan, dtype=torch.float64), torch.device("cpu"))
+    op, cpu = torch.ops.blv_kernels.variation_params, torch.device("cpu")
+    sigma_tensor = torch.tensor(sigma, dtype=torch.float64)
+    torch.library.opcheck(op, (sigma_tensor, cpu))
+    params = noise.variation_params(sigma, "abs")
+    assert op(sigma_tensor, cpu).tolist() == [params.scale, params.threshold]
+    with pytest.raises(ValueError, match="sigma must be a number in"):
+        op(torch.tensor(math.nan, dtype=torch.float64), cpu)
+    with pytest.raises(TypeError, match=r"sigma must be a 0-dim float64 CPU tensor, got shape \(2,\)"):
+        op(torch.tensor([sigma, sigma], dtype=torch.float64), cpu)
+    assert op(sigma_tensor.to("meta"), cpu).device.type == "meta"  # no memory on the CPU left unwritten
