@@ -14,7 +14,16 @@ import torch
 
 from .problem import BLVProblem
 
-__all__ = ["spatial_stride", "as_ncs", "empty_gradient", "NCSLayout", "ncs_layout", "NCSTensors", "ncs_tensors"]
+__all__ = [
+    "spatial_stride",
+    "as_ncs",
+    "empty_gradient",
+    "STRIDE_NAMES",
+    "NCSLayout",
+    "ncs_layout",
+    "NCSTensors",
+    "ncs_tensors",
+]
 
 
 def spatial_stride(shape, strides) -> int | None:
@@ -32,7 +41,9 @@ def as_ncs(t: torch.Tensor, lead: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     dims that are not one strided run (e.g. a crop of W) are made contiguous first.
     """
     stride_s = spatial_stride(t.shape[lead:], t.stride()[lead:])
-    if stride_s is None:
+    if stride_s is None and t.numel() == 0:  # nothing is read, and .contiguous() keeps such a view's strides
+        stride_s = 1
+    elif stride_s is None:
         t = t.contiguous()
         stride_s = spatial_stride(t.shape[lead:], t.stride()[lead:])
     return t, (*t.stride()[:lead], stride_s)
@@ -69,7 +80,9 @@ def ncs_layout(logits_shape: torch.Size, logits_strides: tuple[int, ...], target
                position_weight_strides: tuple[int, ...] | None, compute_grad: bool) -> NCSLayout:  # fmt: skip
     """The layout of tensors of these strides (the target and the position weight have the logits'
     shape without C): ``as_ncs`` and ``empty_gradient`` run once per key, on meta tensors, rather
-    than at every call (a few microseconds of the host's time per loss)."""
+    than at every call (a few microseconds of the host's time per loss; a new key costs about 50).
+    The gradient's strides are meta's ``empty_like``'s, as the op's fake gives them: for empty
+    tensors and in size-1 dims, which no kernel steps through, a device's may differ."""
     target_shape = logits_shape[:1] + logits_shape[2:]
 
     def meta(shape, strides):

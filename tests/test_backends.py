@@ -264,10 +264,14 @@ def test_minus_inf_classes_before_finite_ones(fused, rng):
     torch.testing.assert_close(loss.cpu(), torch.nn.functional.cross_entropy(x, target, reduction="none"))
 
 
+@pytest.mark.parametrize("view", ["batch", "cropped"])  # cropped: no elements, positions no strided run
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-def test_empty_batch(fused, reduction):
-    x = torch.randn(0, 5, 3, device=DEVICE, requires_grad=True)
-    target = torch.zeros(0, 3, dtype=torch.int64, device=DEVICE)
+def test_empty_batch(fused, reduction, view):
+    if view == "batch":
+        x = torch.randn(0, 5, 3, device=DEVICE, requires_grad=True)
+    else:  # (its layout once had no spatial stride: a TypeError)
+        x = torch.randn(2, 5, 4, 6, device=DEVICE)[:, :, :0, ::2].requires_grad_(True)
+    target = torch.zeros(x.shape[:1] + x.shape[2:], dtype=torch.int64, device=DEVICE)
     loss = blv_cross_entropy(x, target, class_counts=[1, 2, 3, 4, 5], reduction=reduction, backend=fused)
     expected = torch.nn.functional.cross_entropy(x, target, reduction=reduction)
     torch.testing.assert_close(loss, expected, equal_nan=True)

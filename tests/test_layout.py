@@ -83,11 +83,23 @@ def test_gradient_buffer_keeps_an_addressable_layout(layout, rng):
 
 
 @pytest.mark.parametrize(
-    "layout", ["contiguous", "channels_last", "class-sliced", "rows", "cropped", "permuted", "expanded", "empty"]
+    "layout",
+    [
+        "contiguous",
+        "channels_last",
+        "class-sliced",
+        "rows",
+        "cropped",
+        "permuted",
+        "expanded",
+        "empty",
+        "empty-cropped",
+    ],
 )
+@pytest.mark.parametrize("target_layout", ["contiguous", "reversed"])
 @pytest.mark.parametrize("with_weight", [False, True], ids=["", "position-weight"])
 @pytest.mark.parametrize("compute_grad", [False, True], ids=["", "grad"])
-def test_cached_layout_is_the_tensors_own(layout, with_weight, compute_grad, rng):
+def test_cached_layout_is_the_tensors_own(layout, target_layout, with_weight, compute_grad, rng):
     # ncs_tensors reads the layout of each shape and strides from a cache computed on meta tensors:
     # the copies, strides and gradient buffer must be those of the real tensors' rule
     x = torch.randn(3, 6, 5, 9, generator=rng)
@@ -100,9 +112,12 @@ def test_cached_layout_is_the_tensors_own(layout, with_weight, compute_grad, rng
         "permuted": torch.randn(3, 5, 6, 9, generator=rng).permute(0, 2, 1, 3),
         "expanded": torch.randn(1, 6, 1, 1, generator=rng).expand(3, 6, 5, 9),
         "empty": x[:, :, :0],
+        "empty-cropped": x[:, :, :0, ::2],  # no strided run, and .contiguous() keeps it
     }[layout]
     target_shape = logits.shape[:1] + logits.shape[2:]
-    target = torch.randint(0, 6, target_shape[::-1], generator=rng).permute(*range(len(target_shape))[::-1])
+    target = torch.randint(0, 6, target_shape, generator=rng)
+    if target_layout == "reversed":  # the spatial dims no strided run: copied
+        target = torch.randint(0, 6, target_shape[::-1], generator=rng).permute(*range(len(target_shape))[::-1])
     weight = torch.rand(target_shape, generator=rng).mT if with_weight and target.dim() > 1 else None
     problem = SimpleNamespace(logits=logits, target=target, position_weight=weight)
     t = ncs_tensors(problem, compute_grad=compute_grad)

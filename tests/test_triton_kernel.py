@@ -173,8 +173,11 @@ def _meta(shape, strides=None):
         (_meta((4, 19, 8192, 8192)), 4, 2**26, 19 * 2**26, 1, True),  # 5.1e9 elements
         (_meta((1, 19, 1024, 1024)), 1, 2**20, 19 * 2**20, 1, False),
         (_meta((1, 1, 2**29 + 1), (2**31 + 4, 2**31 + 4, 4)), 1, 2**29 + 1, 2**31 + 4, 4, True),  # offsets to 2**31
+        (_meta((1, 4, 2**29 + 7)), 1, 2**29 + 7, 4 * (2**29 + 7), 1, True),  # the classes' offsets reach 2**31
+        # expanded logits: their offsets and the labels' stay small, the dense gradient's reach 5.1e9
+        (_meta((1, 19, 1, 1)).expand(4, 19, 8192, 8192), 4, 2**26, 0, 0, True),
     ],
-    ids=["nchw", "channels_last", "rows", "huge", "large", "strided"],
+    ids=["nchw", "channels_last", "rows", "huge", "large", "strided", "classes", "gradient"],
 )
 def test_addressed_runs_and_64_bit_offsets(logits, runs, spatial, xn, xs, index_64):
     # Addressed reads its runs and index width from a per-layout cache: by hand here, on meta tensors

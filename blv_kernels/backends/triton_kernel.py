@@ -773,12 +773,12 @@ class Addressed:
     @classmethod
     def of(cls, problem: BLVProblem, *, compute_grad: bool) -> Addressed:
         t = ncs_tensors(problem, compute_grad=compute_grad)
-        runs, spatial, strides, index_64 = _runs(t.layout)
+        runs, spatial, strides, index_64 = _addressing(t.layout)
         return cls(t.logits, t.target, t.position_weight, t.grad, runs, spatial, dict(strides), index_64)
 
 
 @functools.lru_cache(maxsize=1024)
-def _runs(layout: NCSLayout) -> tuple[int, int, tuple[tuple[str, int], ...], bool]:
+def _addressing(layout: NCSLayout) -> tuple[int, int, tuple[tuple[str, int], ...], bool]:
     """(runs, spatial, strides, index_64) of ``Addressed`` for a layout, once per layout."""
     strides = dict(zip(STRIDE_NAMES, layout.strides, strict=True))
     batch, classes = layout.logits_shape[:2]
