@@ -112,7 +112,10 @@ def check_loss_arguments(logits, target, variation_weight, weight, position_weig
     check_avg_factor(avg_factor, reduction)
 
 
-def check_options(*, ignore_index, label_smoothing, mode: str | None = None, reduction: str | None = None) -> None:
+_NOT_GIVEN = object()  # an option the caller does not ask check_options to check (None is a bad value)
+
+
+def check_options(*, ignore_index, label_smoothing, mode=_NOT_GIVEN, reduction=_NOT_GIVEN) -> None:
     """The non-tensor options of a loss (numpy scalars are numbers too)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -121,9 +124,9 @@ def check_options(*, ignore_index, label_smoothing, mode: str | None = None, red
     if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
             or not 0.0 <= float(label_smoothing) <= 1.0):  # fmt: skip
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if mode is not None:
+    if mode is not _NOT_GIVEN:
         check_mode(mode)
-    if reduction is not None:
+    if reduction is not _NOT_GIVEN:
         check_reduction(reduction)
 
 

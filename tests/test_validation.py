@@ -62,6 +62,9 @@ def test_good_arguments_pass():
         (dict(ignore_index=-100, label_smoothing="0.1"), ValueError, "label_smoothing"),
         (dict(ignore_index=-100, label_smoothing=0.0, mode="normal"), ValueError, "mode must be one of"),
         (dict(ignore_index=-100, label_smoothing=0.0, reduction="avg"), ValueError, "reduction must be one of"),
+        # None is a value like any other (it once meant "not given": the fused backends then ran mode="abs")
+        (dict(ignore_index=-100, label_smoothing=0.0, mode=None), ValueError, "mode must be one of .*, got None"),
+        (dict(ignore_index=-100, label_smoothing=0.0, reduction=None), ValueError, "reduction must be one of"),
     ],
 )
 def test_options(options, error, match):
