@@ -54,22 +54,26 @@ def weighted_cross_entropy(
     avg_factor: torch.Tensor | None,
 ) -> torch.Tensor:
     """``F.cross_entropy(z, target, class_weight, ...)`` (int64 target, weight in z's dtype) times
-    mmseg's per-position weights, divided by ``avg_factor`` when given (in z's dtype)."""
+    mmseg's per-position weights, divided by ``avg_factor`` when given; the result in z's dtype.
+
+    The weighting, sums and divisors of float16/bfloat16 ``z`` (eval's plain loss) are float32, as
+    F.cross_entropy's own reductions: in half, 40000 positions' sum or an avg_factor of 1e5 is inf."""
     options = dict(weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     if position_weight is None and avg_factor is None:
         return F.cross_entropy(z, target, reduction=reduction, **options)
-    per_position = F.cross_entropy(z, target, reduction="none", **options)
+    exact = torch.promote_types(z.dtype, torch.float32)
+    per_position = F.cross_entropy(z, target, reduction="none", **options).to(exact)
     if position_weight is not None:
-        per_position = per_position * position_weight.to(z.dtype)
+        per_position = per_position * position_weight.to(exact)
     if reduction == "none":
-        return per_position
+        return per_position.to(z.dtype)
     total = per_position.sum()
     if reduction == "sum":
-        return total
+        return total.to(z.dtype)
     if avg_factor is not None:
-        return total / avg_factor.to(z.dtype)
+        return (total / avg_factor.to(exact)).to(z.dtype)
     # F.cross_entropy's divisor of "mean": the count of valid positions, or the sum of their class weights
     valid = target != ignore_index
     if class_weight is None:
-        return total / valid.sum().to(z.dtype)
-    return total / torch.where(valid, class_weight[target.clamp(0, z.shape[1] - 1)], 0).sum()
+        return (total / valid.sum().to(exact)).to(z.dtype)
+    return (total / torch.where(valid, class_weight[target.clamp(0, z.shape[1] - 1)], 0).to(exact).sum()).to(z.dtype)

@@ -260,6 +260,21 @@ def test_eval_with_class_weights_in_any_dtype(dtype, rng):
     assert torch.equal(loss_fn(logits.to(dtype), target), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["avg_factor", "position_weight"])
+def test_eval_of_half_logits_sums_and_divides_in_float32(dtype, extra, rng):
+    # 1 x 5 x 200 x 200: the sum of 40000 position losses passes float16's 65504, and so does an
+    # avg_factor of 1e5 (eval returned inf and 0): eval's plain loss is training's at sigma = 0
+    logits = torch.randn(1, 5, 200, 200, generator=rng).to(dtype)
+    target = torch.randint(0, 5, (1, 200, 200), generator=rng)
+    options = {"avg_factor": 1e5} if extra == "avg_factor" else {"position_weight": torch.ones(1, 200, 200)}
+    loss_fn = BLVLoss([1, 2, 3, 4, 5], sigma=0.0, backend="reference")
+    expected = loss_fn(logits, target, **options)
+    got = loss_fn.eval()(logits, target, **options)
+    assert got.dtype == dtype and torch.isfinite(got) and got != 0
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_functional_form_compiles_with_a_list_of_counts(backend, rng):
     backend = _backend(backend)
