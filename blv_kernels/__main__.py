@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import __version__, class_weights, noise
 from ._validation import INT64_MAX, INT64_MIN
 from .backends import BACKEND_NAMES, get_backend
-from .integrations.dataset_counts import MAX_CLASSES, count_label_files, find_label_files, save_counts
+from .integrations.dataset_counts import MAX_CLASSES, count_label_files, counts_target, find_label_files, save_counts
 from .integrations.known_counts import GTA5_CLASS_COUNTS
 from .loss import blv_cross_entropy
 
@@ -141,8 +141,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def _check_output(path: Path) -> None:
     """Fail before counting, not after, when the counts could not be written to ``path``."""
-    if path.is_dir():
-        raise CliError(f"-o {path} is a directory: name the file to write, e.g. {path / 'counts.json'}")
+    try:
+        path = counts_target(path)
+    except ValueError as err:
+        raise CliError(f"-o {err}") from None
     parent = path.parent
     if not parent.is_dir():
         raise CliError(f"-o {path}: directory {parent} does not exist")

@@ -1,8 +1,10 @@
 """Class counts from label maps: tensors and arrays, label files (PNG, .npy), the JSON format."""
 
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,14 +238,37 @@ def test_counts_json_round_trip_into_blv_loss(rng, tmp_path):
         load_counts(path)
 
 
-def test_save_counts_never_leaves_half_a_file(rng, tmp_path):
+def test_save_counts_never_leaves_half_a_file(rng, tmp_path, monkeypatch):
     counts = torch.randint(0, 10**6, (5,), generator=rng).tolist()
-    (tmp_path / "counts.json").mkdir()  # the rename onto a directory fails
-    with pytest.raises(OSError):
-        save_counts(counts, tmp_path / "counts.json")
-    assert [p.name for p in tmp_path.iterdir()] == ["counts.json"]  # no temporary file left beside it
-    save_counts(counts, tmp_path / "other.json")
-    assert load_counts(tmp_path / "other.json") == counts
+    path = tmp_path / "counts.json"
+    path.write_text("[1, 2]\n")
+
+    def full_disk(self, target):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError, match=f"No space left on device: '{re.escape(str(path))}'"):  # the file asked for
+        save_counts(counts, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["counts.json"] and load_counts(path) == [1, 2]  # as it was
+    monkeypatch.undo()
+    save_counts(counts, path)
+    assert load_counts(path) == counts
+
+
+def test_save_counts_writes_through_a_symlink_and_refuses_special_files(tmp_path):
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("[1]\n")
+    link.symlink_to(real)
+    save_counts([3, 4], link)
+    assert link.is_symlink() and load_counts(real) == [3, 4]
+    os.mkfifo(tmp_path / "pipe")  # (a device such as /dev/null was replaced by a regular file)
+    for special, problem in ((tmp_path / "pipe", "is not a regular file"), (tmp_path, "is a directory")):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(special))} {problem}"):
+            save_counts([3, 4], special)
+    assert (tmp_path / "pipe").is_fifo()
+    long_name = tmp_path / ("c" * 250 + ".json")  # 255 bytes: its temporary file's name must still fit
+    save_counts([5], long_name)
+    assert load_counts(long_name) == [5]
 
 
 @pytest.mark.parametrize(

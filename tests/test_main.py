@@ -164,6 +164,7 @@ BAD_COUNT_OPTIONS = [
     (["--num-classes", "4", "--ignore-index", str(2**64)], "--ignore-index: must be an integer"),
     (["--num-classes", "4", "-o", "{tmp}/missing/counts.json"], "directory {tmp}/missing does not exist"),
     (["--num-classes", "4", "-o", "{tmp}"], "-o {tmp} is a directory"),
+    (["--num-classes", "4", "-o", "{tmp}/pipe"], "-o {tmp}/pipe is not a regular file"),  # as /dev/null (replaced)
     (["--num-classes", "4", "--pattern", "/abs/*.png"], "invalid pattern '/abs/*.png'"),
     (["--num-classes", "4", "--pattern", "*.npy"], "no files matching '*.npy'"),
 ]
@@ -177,6 +178,7 @@ def test_count_classes_bad_options_fail_before_counting(small_label_dir, tmp_pat
 
     monkeypatch.setattr(cli, "count_label_files", must_not_count)
     options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    os.mkfifo(tmp_path / "pipe")
     before = sorted(tmp_path.rglob("*"))
     code, out, err = run(["count-classes", str(small_label_dir), *options], capsys)
     assert code == 2 and out == ""

@@ -251,9 +251,12 @@ def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     floats (``ClassCounter.counts()`` without ``ema_decay``: float64), written as integers;
     anything else :func:`load_counts` would refuse (fractions, negative numbers, no counts) raises
     ``ValueError``.
-    Written to a temporary file beside ``path`` first, then renamed: never half a file.
+    Written to a temporary file beside ``path`` first, then renamed: never half a file. A symlink
+    is written through (the link stays); a special file (a device, a pipe) is refused, as the
+    rename would replace it.
     """
     path = Path(path)
+    target = counts_target(path)
     values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
     if isinstance(values, (list, tuple)):  # one-element tensors and whole floats (numpy's too) as ints
         values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
@@ -264,14 +267,25 @@ def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
             f"counts must be a non-empty list of non-negative integers (pixel counts per class): {problem}"
         )
     text = json.dumps([int(c) for c in values]) + "\n"
-    partial_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial_file = target.with_name(f".{target.name[:100]}.{os.getpid()}.tmp")  # (a name's 255 bytes)
     try:
         partial_file.write_text(text)
-        partial_file.replace(path)
+        partial_file.replace(target)
     except OSError as error:  # named after the file asked for, not the temporary one
         raise type(error)(error.errno, error.strerror, str(path)) from None
     finally:
         partial_file.unlink(missing_ok=True)  # only left when writing or renaming failed
+
+
+def counts_target(path: Path) -> Path:
+    """The file :func:`save_counts` replaces for ``path``: a symlink's target; a ``ValueError`` for
+    anything that exists and is no regular file (``/dev/null`` was replaced by a file)."""
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise ValueError(f"{path} is a directory: name the file to write, e.g. {path / 'counts.json'}")
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{path} is not a regular file: counts are written by renaming a new file over it")
+    return target
 
 
 def load_counts(path: str | os.PathLike) -> list[int]:
