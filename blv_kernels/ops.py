@@ -101,7 +101,7 @@ def _setup_context(ctx, inputs, output):
     # the gradient output has no gradient: without these autograd would pass a zero-filled one, a write of the logits' size
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.backend = a["reduction"], a["backend"]
+    ctx.reduction, ctx.backend, ctx.compute_grad = a["reduction"], a["backend"], a["compute_grad"]
 
 
 def _scaled_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,11 @@ def _scaled_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(ctx, grad_loss, _):
+    if not ctx.compute_grad:  # (a direct call of the op: fused_loss asks for it whenever autograd will)
+        raise RuntimeError(
+            "blv_kernels::fused_blv_cross_entropy was called with compute_grad=False, so it computed no gradient "
+            "to backward through: call it with compute_grad=True"
+        )
     return _scaled_gradient(ctx, grad_loss), *[None] * (len(_ARGUMENTS) - 1)
 
 

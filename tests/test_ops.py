@@ -84,6 +84,8 @@ def test_no_gradient_is_written_without_autograd(fused, rng):
     args = _op_args(rng, fused, "mean", compute_grad=False)
     loss, grad = ops.fused_blv_cross_entropy(*args)
     assert grad.numel() == 0 and torch.isfinite(loss)
+    with pytest.raises(RuntimeError, match="called with compute_grad=False, so it computed no gradient"):
+        loss.backward()  # (the logits require grad: autograd asks, and gets the reason, not a shape error)
     with torch.no_grad():  # the public entry asks for no gradient either
         assert torch.equal(blv_cross_entropy(args[0], args[1], class_counts=list(range(1, 8)), seed=3, backend=fused),
                            blv_cross_entropy(args[0].detach(), args[1], class_counts=list(range(1, 8)), seed=3,
