@@ -55,8 +55,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= minimum."""
+def at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum)."""
 
     def parse(text: str) -> int:
         try:
@@ -65,6 +65,8 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {value}")
         return value
 
     return parse

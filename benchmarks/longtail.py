@@ -830,7 +830,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--imbalance", type=float, default=100.0, help="digits: n_max / n_min of the training split")
     parser.add_argument("--scenes", type=at_least(1), default=256, help="segmentation: scenes in each split")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads (default 1; see above)")
+    parser.add_argument("--threads", type=at_least(1, maximum=4096), default=1,
+                        help="torch CPU threads (default 1; see above)")  # fmt: skip
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.imbalance) and args.imbalance >= 1):

@@ -89,7 +89,7 @@ def read_json(path: Path):
         return json.loads(path.read_text())
     except OSError as error:
         raise SummaryError(f"{path}: cannot be read ({error.strerror or error})") from None
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; nested too deep
         raise SummaryError(f"{path}: not valid JSON ({error})") from None
 
 

@@ -364,6 +364,7 @@ def test_gpu_check_sweep_mode_runs_its_stages_and_reports_without_a_gpu(tmp_path
     "name, text, problem",
     [
         ("loss.json", "{bad", "not valid JSON (Expecting property name enclosed in double quotes"),
+        ("loss.json", "[" * 100_000 + "]" * 100_000, "not valid JSON (maximum recursion depth exceeded"),
         ("loss.json", '{"meta": {}}', "incomplete or not a result file (KeyError: 'providers')"),
         ("training.json", "[]", "incomplete or not a result file (TypeError: "),
         ("static_report.json", '{"case": 1}', "incomplete or not a result file (TypeError: "),

@@ -313,3 +313,6 @@ def test_counts_file_errors_name_the_file_asked_for(tmp_path):
     malformed.write_text("[1, 2")
     with pytest.raises(ValueError, match=f"^{re.escape(str(malformed))} is not valid JSON: Expecting"):
         load_counts(malformed)
+    malformed.write_text("[" * 100_000 + "]" * 100_000)  # (a RecursionError from json)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(malformed))} is not valid JSON: maximum recursion"):
+        load_counts(malformed)

@@ -303,5 +303,5 @@ def read_json(path: str | os.PathLike):
     """The JSON value in the file at ``path``; malformed JSON raises a ``ValueError`` that names the file."""
     try:
         return json.loads(Path(path).read_text())
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; nested too deep
         raise ValueError(f"{path} is not valid JSON: {error}") from None
