@@ -14,6 +14,7 @@ REDUCTIONS = ("none", "sum", "mean")
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of ignore_index: labels are compared in int64
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -97,9 +98,11 @@ def check_avg_factor(avg_factor, reduction: str) -> None:
         check_constant("avg_factor", avg_factor)
     elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
-    elif not torch.compiler.is_compiling() and not (math.isfinite(avg_factor) and avg_factor > 0):
+    elif not torch.compiler.is_compiling() and not 0 < avg_factor <= FLOAT32_MAX:  # (NaN fails; any int compares)
         # (not while torch.compile traces: there a number may be symbolic, and a branch on it would break the graph)
-        raise ValueError(f"avg_factor must be a finite number > 0 (the divisor of the sum), got {avg_factor!r}")
+        raise ValueError(
+            f"avg_factor must be a finite number > 0 within float32's range (the divisor of the sum), got {avg_factor!r}"
+        )
 
 
 def check_loss_arguments(logits, target, variation_weight, weight, position_weight, reduction, avg_factor) -> None:

@@ -215,10 +215,14 @@ class BLVLoss(nn.Module):
                 check_constant("weight", weight)  # here, not at every step
             try:
                 weight = torch.as_tensor(weight, dtype=torch.float32)
+            except OverflowError:  # (an int beyond float64)
+                raise ValueError(f"weight must be finite in float32, got {weight!r}") from None
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(
                     f"weight must be a tensor or a list of numbers, one per class, got {weight!r}"
                 ) from None
+            if not torch.isfinite(weight).all():  # (once, here: a weight of 1e300 became inf in float32)
+                raise ValueError(f"weight must be finite in float32, got {weight.tolist()}")
             if weight.shape != variation_weight.shape:
                 raise ValueError(
                     f"weight must have one entry per class ({variation_weight.numel()}), got shape {tuple(weight.shape)}"

@@ -1,5 +1,6 @@
 """The public entry point and the nn.Module."""
 
+import math
 import warnings
 
 import numpy as np
@@ -151,9 +152,19 @@ def test_bad_options_named_at_construction_and_call(kwargs, error, match, rng):
     [
         (dict(weight=torch.ones(6, requires_grad=True)), ValueError, "weight requires grad"),
         (dict(weight="abc"), TypeError, "weight must be a tensor or a list of numbers"),
+        (dict(weight=[1e300] * 6), ValueError, r"weight must be finite in float32, got \[inf"),  # (was taken as inf)
+        (dict(weight=[10**400] * 6), ValueError, "weight must be finite in float32"),  # (an OverflowError)
+        (dict(weight=torch.full((6,), math.nan)), ValueError, "weight must be finite in float32"),
         (dict(backend=["cpu"]), ValueError, "backend must be one of"),
     ],
-    ids=["weight-requires-grad", "weight-string", "backend-list"],
+    ids=[
+        "weight-requires-grad",
+        "weight-string",
+        "weight-beyond-float32",
+        "weight-beyond-float64",
+        "weight-nan",
+        "backend-list",
+    ],
 )
 def test_bad_module_arguments_named_at_construction(kwargs, error, match, rng):
     _, _, counts = _batch(rng)

@@ -39,6 +39,8 @@ def _args(**changes):
         (dict(avg_factor=-1.0), ValueError, r"avg_factor must be a finite number > 0"),
         (dict(avg_factor=float("nan")), ValueError, r"avg_factor must be a finite number > 0"),
         (dict(avg_factor=np.float64("inf")), ValueError, r"avg_factor must be a finite number > 0"),
+        (dict(avg_factor=1e300), ValueError, r"avg_factor must be a finite number > 0 within float32's range"),
+        (dict(avg_factor=10**400), ValueError, r"avg_factor must be a finite number > 0 within float32"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
