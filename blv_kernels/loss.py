@@ -31,6 +31,8 @@ def draw_seed(device: torch.device, generator: torch.Generator | None = None) ->
     Drawn on the device, so there is no host sync, and a captured CUDA graph draws a new one
     on every replay.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
 
 
@@ -176,6 +178,8 @@ def _avg_factor_tensor(avg_factor, device) -> torch.Tensor | None:
     if avg_factor is None:
         return None
     if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.device.type == "meta" and device.type != "meta":
+            raise ValueError("avg_factor is a meta tensor: it holds no value")
         return avg_factor.detach().to(device=device, dtype=torch.float32).reshape(())
     return torch.full((), float(avg_factor), dtype=torch.float32, device=device)
 
@@ -213,6 +217,8 @@ class BLVLoss(nn.Module):
         if weight is not None:
             if isinstance(weight, torch.Tensor):
                 check_constant("weight", weight)  # here, not at every step
+                if weight.dtype.is_complex:
+                    raise TypeError(f"weight must be real numbers, got a {weight.dtype} tensor")
             try:
                 weight = torch.as_tensor(weight, dtype=torch.float32)
             except OverflowError:  # (an int beyond float64)

@@ -175,6 +175,8 @@ def seed_tensor(seed, device) -> torch.Tensor:
             raise TypeError(
                 f"a seed tensor must hold one integer, got dtype {seed.dtype} and shape {tuple(seed.shape)}"
             )
+        if seed.device.type == "meta" and torch.device(device).type != "meta":
+            raise ValueError("the seed is a meta tensor: it holds no value")
         return seed.reshape(()).to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int or an integer tensor, got {type(seed).__name__}")
@@ -274,6 +276,10 @@ def variation(shape, sigma: float, *, seed, offset: int = 0, mode: str = "abs", 
     (``mode="clamp"``, the paper's pseudo-code), ``eps ~ Normal(0, sigma**2)``, drawn from the
     counter-based stream of the module docstring. Returns a float32 tensor of ``shape``.
     """
+    if not isinstance(shape, (tuple, list, torch.Size)) or any(
+        isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in shape
+    ):
+        raise ValueError(f"shape must be a sequence of sizes >= 0, got {shape!r}")
     shape = torch.Size(shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be (N, C, ...) with at least 2 dimensions, got {tuple(shape)}")

@@ -26,9 +26,11 @@ def _counts_as_float64(class_counts) -> torch.Tensor:
     if isinstance(class_counts, torch.Tensor):
         if class_counts.dtype.is_complex or class_counts.dtype == torch.bool:
             raise TypeError(f"class_counts must be real numbers, got a {class_counts.dtype} tensor")
+        if class_counts.device.type == "meta":
+            raise ValueError("class_counts is a meta tensor: it holds no counts")
         counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(class_counts, (Sequence, np.ndarray)) and not isinstance(class_counts, (str, bytes)):
-        if isinstance(class_counts, np.ndarray) and class_counts.dtype.kind in "bc":
+        if isinstance(class_counts, np.ndarray) and class_counts.dtype.kind not in "iuf":
             raise TypeError(f"class_counts must be real numbers, got a numpy {class_counts.dtype} array")
         if isinstance(class_counts, Sequence) and any(isinstance(c, (bool, np.bool_)) for c in class_counts):
             raise TypeError(f"class_counts must be numbers, not booleans: got {reprlib.repr(class_counts)}")

@@ -134,6 +134,26 @@ def test_gradient_flows(rng):
 
 
 @pytest.mark.parametrize(
+    "kwargs, match",
+    [({"seed": torch.tensor(1, device="meta")}, "the seed is a meta tensor: it holds no value"),
+     ({"avg_factor": torch.tensor(3.0, device="meta")}, "avg_factor is a meta tensor: it holds no value")],
+    ids=["seed", "avg_factor"],
+)  # fmt: skip
+def test_meta_scalars_are_named(kwargs, match, rng):
+    # (they raised torch's "Cannot copy out of meta tensor; no data!")
+    logits, target, counts = _batch(rng)
+    with pytest.raises(ValueError, match=match):
+        blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, **kwargs)
+
+
+def test_draw_seed_and_complex_weights_are_named():
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+        blv_kernels.loss.draw_seed(torch.device("cpu"), generator=3)
+    with pytest.raises(TypeError, match="weight must be real numbers, got a torch.complex64 tensor"):
+        BLVLoss([1, 2, 3], weight=torch.ones(3, dtype=torch.complex64))  # (its imaginary part was dropped)
+
+
+@pytest.mark.parametrize(
     "kwargs, error, match",
     [({"sigma": -1.0}, ValueError, "sigma"), ({"sigma": "6"}, TypeError, "sigma"), ({"mode": "x"}, ValueError, "mode"),
      ({"reduction": "avg"}, ValueError, "reduction")],

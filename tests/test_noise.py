@@ -213,6 +213,8 @@ def test_largest_sigma_gives_one_but_where_eps_is_zero(mode):
     "kwargs, error, match",
     [
         ({"shape": (5,)}, ValueError, "at least 2"),
+        ({"shape": (2, -5)}, ValueError, r"shape must be a sequence of sizes >= 0, got \(2, -5\)"),
+        ({"shape": (True, 3)}, ValueError, "shape must be a sequence of sizes >= 0"),
         ({"sigma": -1.0}, ValueError, "sigma"),
         ({"sigma": float("nan")}, ValueError, "sigma"),
         ({"sigma": 1.01e37}, ValueError, r"sigma must be a number in \[0, 1e\+37\], got 1.01e\+37"),
@@ -223,7 +225,7 @@ def test_largest_sigma_gives_one_but_where_eps_is_zero(mode):
         ({"seed": torch.tensor([1.0])}, TypeError, "seed"),
         ({"offset": -3}, ValueError, "offset"),
     ],
-    ids=["1d-shape", "negative-sigma", "nan-sigma", "huge-sigma", "mode", "negative-seed", "big-seed", "float-seed",
+    ids=["1d-shape", "negative-size", "bool-size", "negative-sigma", "nan-sigma", "huge-sigma", "mode", "negative-seed", "big-seed", "float-seed",
          "float-seed-tensor", "negative-offset"],
 )  # fmt: skip
 def test_bad_arguments(kwargs, error, match):

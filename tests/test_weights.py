@@ -68,6 +68,8 @@ def test_degenerate_priors(counts, expected):
         (np.array([True, True]), TypeError, "real numbers, got a numpy bool array"),
         (torch.tensor([1 + 1j, 2]), TypeError, "real numbers, got a torch.complex64 tensor"),
         (np.array([1 + 1j, 2]), TypeError, "real numbers, got a numpy complex128 array"),
+        (np.array([1, 2], dtype="datetime64[D]"), TypeError, "real numbers, got a numpy datetime64"),  # (taken)
+        (torch.ones(5, device="meta"), ValueError, "class_counts is a meta tensor: it holds no counts"),
     ],
     ids=[
         "negative",
@@ -83,6 +85,8 @@ def test_degenerate_priors(counts, expected):
         "bool-array",
         "complex-tensor",
         "complex-array",
+        "datetime-array",
+        "meta-tensor",
     ],
 )
 def test_bad_counts(counts, error, match):
