@@ -55,6 +55,12 @@ def test_count_classes_rejects_out_of_range_labels(rng):
         count_classes(maps, 6)
     with pytest.raises(ValueError, match="must hold integers"):
         count_classes([torch.rand(3, 3, generator=rng)], 6)
+    # (numpy's TypeError for bfloat16, its inhomogeneous-shape error, torch's "Cannot copy out of meta tensor")
+    for bad, message in ((torch.ones(3, dtype=torch.bfloat16), "label map 0 must hold integers, got dtype torch.bfloat16"),
+                         ([[1], [1, 2]], "label map 0 must be an array of integers, got a ragged sequence"),
+                         (torch.ones(3, dtype=torch.long, device="meta"), "label map 0 is a meta tensor")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            count_classes([bad], 6)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):
         count_classes(maps, 0)
     with pytest.raises(ValueError, match=f"num_classes must be an integer >= 1 and <= {MAX_CLASSES}"):

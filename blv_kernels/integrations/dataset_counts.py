@@ -92,7 +92,17 @@ def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -
     ignore_index = integer_ignore_index(ignore_index)
     total = np.zeros(num_classes, dtype=np.int64)
     for i, item in enumerate(labels):
-        array = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+        if isinstance(item, torch.Tensor):
+            if item.dtype.is_floating_point or item.dtype.is_complex:  # (before numpy, which has no bfloat16)
+                raise ValueError(f"label map {i} must hold integers, got dtype {item.dtype}")
+            if item.device.type == "meta":
+                raise ValueError(f"label map {i} is a meta tensor: it holds no labels")
+            array = item.detach().cpu().numpy()
+        else:
+            try:
+                array = np.asarray(item)
+            except ValueError:  # a ragged nested list
+                raise ValueError(f"label map {i} must be an array of integers, got a ragged sequence") from None
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"label map {i} must hold integers, got dtype {array.dtype}")
         classes, pixels, outside = _histogram(array, num_classes, ignore_index)
