@@ -7,9 +7,8 @@ the problem's tensors, the launches' arguments, the autograd node), and an eager
 (the H100 ran the 2x19x512x1024 step's kernels in 0.08 ms and the eager call in 1.1 ms). This
 times that Python without a GPU: the Triton backend's whole call with its kernel launches
 replaced by no-ops (what they write is zero: no bad label; the mean is then NaN, 0 / 0, which
-nothing reads), beside the CPU backend's
-whole call (its C++ kernels, a few microseconds at this size) and ``F.cross_entropy``'s, on the
-same 2x19x8x8 batch, back to back in one run. On a GPU, ``benchmarks/loss.py`` reports the
+nothing reads), beside the CPU backend's whole call (its C++ kernels, a few microseconds at this
+size) and ``F.cross_entropy``'s, on the same 2x19x8x8 batch, back to back in one run. On a GPU, ``benchmarks/loss.py`` reports the
 real thing (``host_ms``). The median over rounds, microseconds per forward+backward.
 """
 

@@ -74,6 +74,11 @@ class NCSLayout:
     grad_strides: tuple[int, ...] | None  # None unless compute_grad
     strides: tuple[int, ...]  # the values of STRIDE_NAMES (0 for a missing tensor)
 
+    @property
+    def named_strides(self) -> dict[str, int]:
+        """``strides`` by name: stride_x{n,c,s}, stride_t{n,s}, stride_w{n,s}, stride_g{n,c,s}."""
+        return dict(zip(STRIDE_NAMES, self.strides, strict=True))
+
 
 @functools.lru_cache(maxsize=1024)
 def ncs_layout(logits_shape: torch.Size, logits_strides: tuple[int, ...], target_strides: tuple[int, ...],
@@ -113,8 +118,11 @@ class NCSTensors:
     target: torch.Tensor
     position_weight: torch.Tensor | None
     grad: torch.Tensor | None  # None unless compute_grad
-    strides: dict[str, int]  # stride_x{n,c,s}, stride_t{n,s}, stride_w{n,s}, stride_g{n,c,s} (0 for a missing tensor)
     layout: NCSLayout
+
+    @property
+    def strides(self) -> dict[str, int]:
+        return self.layout.named_strides
 
 
 def ncs_tensors(problem: BLVProblem, *, compute_grad: bool) -> NCSTensors:
@@ -126,6 +134,5 @@ def ncs_tensors(problem: BLVProblem, *, compute_grad: bool) -> NCSTensors:
         grad = torch.empty_strided(logits.shape, layout.grad_strides, dtype=logits.dtype, device=logits.device)
     return NCSTensors(
         logits.contiguous() if layout.copy_logits else logits, target.contiguous() if layout.copy_target else target,
-        weight.contiguous() if layout.copy_position_weight else weight, grad,
-        dict(zip(STRIDE_NAMES, layout.strides, strict=True)), layout,
+        weight.contiguous() if layout.copy_position_weight else weight, grad, layout,
     )  # fmt: skip

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import noise
-from .._layout import STRIDE_NAMES, NCSLayout, ncs_tensors
+from .._layout import NCSLayout, ncs_tensors
 from ..problem import BLVProblem, check_labels, mean_divisor, reduced_loss
 
 __all__ = ["forward", "scale_grad_", "kernel_config", "KernelConfig"]
@@ -780,7 +780,7 @@ class Addressed:
 @functools.lru_cache(maxsize=1024)
 def _addressing(layout: NCSLayout) -> tuple[int, int, tuple[tuple[str, int], ...], bool]:
     """(runs, spatial, strides, index_64) of ``Addressed`` for a layout, once per layout."""
-    strides = dict(zip(STRIDE_NAMES, layout.strides, strict=True))
+    strides = layout.named_strides
     batch, classes = layout.logits_shape[:2]
     positions = batch * math.prod(layout.logits_shape[2:])
     spatial = positions // batch if batch else 0
