@@ -57,6 +57,12 @@ def check_constant(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_holds_values(name: str, tensor: torch.Tensor, what: str = "values") -> None:
+    """A meta tensor has a shape and no data: an error naming it, not torch's "Cannot copy out of meta tensor"."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: it holds no {what}")
+
+
 def check_class_vector(name: str, vec: torch.Tensor | None, logits: torch.Tensor) -> None:
     """A per-class float vector (class weight, variation weight): shape (C,), logits' device, constant."""
     if vec is None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._validation import real
+from ._validation import check_holds_values, real
 
 __all__ = ["class_weights"]
 
@@ -26,8 +26,7 @@ def _counts_as_float64(class_counts) -> torch.Tensor:
     if isinstance(class_counts, torch.Tensor):
         if class_counts.dtype.is_complex or class_counts.dtype == torch.bool:
             raise TypeError(f"class_counts must be real numbers, got a {class_counts.dtype} tensor")
-        if class_counts.device.type == "meta":
-            raise ValueError("class_counts is a meta tensor: it holds no counts")
+        check_holds_values("class_counts", class_counts, "counts")
         counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(class_counts, (Sequence, np.ndarray)) and not isinstance(class_counts, (str, bytes)):
         if isinstance(class_counts, np.ndarray) and class_counts.dtype.kind not in "iuf":

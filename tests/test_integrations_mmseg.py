@@ -427,7 +427,12 @@ def test_bad_arguments(kwargs, error, match):
         (dict(avg_factor=[3.0]), TypeError, "avg_factor must be a number, got [3.0]"),
         (dict(avg_factor=-1.0), ValueError, "avg_factor must be a finite number >= 0.0, got -1.0"),
         (dict(avg_factor=torch.ones(2)), TypeError, "avg_factor must be a number or a one-element tensor"),
-        (dict(weight=[1.0]), TypeError, "weight (per position) must be a floating-point tensor, got list"),
+        (dict(weight=[1.0]), TypeError, "weight (per position) must be a tensor of real numbers, got list"),
+        (
+            dict(weight=torch.ones(2, 4, 6, dtype=torch.complex64)),
+            TypeError,
+            "weight (per position) must be a tensor of real numbers, got torch.complex64",
+        ),  # fmt: skip
         (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
         (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
     ],

@@ -101,6 +101,7 @@ def test_confident_pseudo_labels_of_class_255_count_with_more_than_255_classes(r
         (dict(num_classes=C, smoothing=float("inf")), "smoothing"),
         (dict(num_classes=C, ignore_index=2**63), "ignore_index"),
         (dict(num_classes=C, device="not-a-device"), "device"),
+        (dict(num_classes=C, device="meta"), "device 'meta' cannot hold the counts: a meta tensor holds no values"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -173,6 +174,18 @@ def test_state_dict_resumes_the_counts(rng, tmp_path):
         resumed.load_state_dict({"weights": counter.counts()})
     with pytest.raises(ValueError, match="finite and >= 0"):
         resumed.load_state_dict({"counts": -counter.counts()})
+
+
+def test_meta_tensors_are_refused_by_name(rng):
+    """A meta tensor has a shape and no values: a one-line error naming it, not torch's copy error."""
+    counter = ClassCounter(C)
+    with pytest.raises(ValueError, match="^labels is a meta tensor: it holds no labels$"):
+        counter.update(_labels(rng).to("meta"))
+    with pytest.raises(ValueError, match="^logits is a meta tensor: it holds no values$"):
+        counter.update_from_logits(torch.randn(2, C, 3, device="meta"))
+    with pytest.raises(ValueError, match="^the state dict's 'counts' is a meta tensor: it holds no counts$"):
+        counter.load_state_dict({"counts": torch.ones(C, dtype=torch.float64, device="meta")})
+    torch.testing.assert_close(counter.counts(), torch.zeros(C, dtype=torch.float64))  # nothing half-done
 
 
 def test_repr_says_what_it_counts():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import integer, integer_ignore_index
+from .._validation import check_holds_values, integer, integer_ignore_index
 
 __all__ = [
     "count_classes",
@@ -95,8 +95,7 @@ def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -
         if isinstance(item, torch.Tensor):
             if item.dtype.is_floating_point or item.dtype.is_complex:  # (before numpy, which has no bfloat16)
                 raise ValueError(f"label map {i} must hold integers, got dtype {item.dtype}")
-            if item.device.type == "meta":
-                raise ValueError(f"label map {i} is a meta tensor: it holds no labels")
+            check_holds_values(f"label map {i}", item, "labels")
             array = item.detach().cpu().numpy()
         else:
             try:

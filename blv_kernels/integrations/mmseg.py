@@ -131,8 +131,9 @@ class MMSegBLVLoss(BLVLoss):
         else:
             avg_factor = None  # mmseg ignores it with reduction="none"
         if weight is not None:
-            if not isinstance(weight, torch.Tensor):
-                raise TypeError(f"weight (per position) must be a floating-point tensor, got {type(weight).__name__}")
+            if not isinstance(weight, torch.Tensor) or weight.dtype.is_complex:
+                got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+                raise TypeError(f"weight (per position) must be a tensor of real numbers, got {got}")
             weight = weight.float()
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
                        position_weight=weight, avg_factor=avg_factor)  # fmt: skip

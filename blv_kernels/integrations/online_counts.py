@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validation import check_target_values, integer, integer_ignore_index, real
+from .._validation import check_holds_values, check_target_values, integer, integer_ignore_index, real
 from ..weights import class_weights
 from ._modules import blv_losses
 from .dataset_counts import MAX_CLASSES
@@ -63,6 +63,8 @@ class ClassCounter:
             self._local = torch.zeros(self.num_classes, dtype=torch.float64, device=device)
         except (RuntimeError, AssertionError) as err:  # an unknown device, or one this torch cannot use
             raise ValueError(f"device {device!r} cannot hold the counts: {err}") from None
+        if self._local.device.type == "meta":
+            raise ValueError(f"device {device!r} cannot hold the counts: a meta tensor holds no values")
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor | np.ndarray) -> None:
@@ -74,6 +76,7 @@ class ClassCounter:
             raise TypeError(f"labels must be a tensor or a numpy array, got {type(labels).__name__}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+        check_holds_values("labels", labels, "labels")
         check_target_values(labels, self.num_classes, self.ignore_index)
         labels = labels.to(self._local.device).long().flatten()
         self._add(torch.where(labels == self.ignore_index, self.num_classes, labels))
@@ -104,6 +107,7 @@ class ClassCounter:
             raise TypeError(f"logits must be a floating-point tensor of shape (N, {self.num_classes}, ...)")
         if logits.dim() < 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (N, {self.num_classes}, ...), got {tuple(logits.shape)}")
+        check_holds_values("logits", logits)
         logits = logits.float()
         top, pseudo = logits.max(dim=1)
         confidence = (top - logits.logsumexp(dim=1)).exp()  # max softmax probability
@@ -138,6 +142,7 @@ class ClassCounter:
         counts = state_dict.get("counts") if isinstance(state_dict, dict) else None
         if not isinstance(counts, torch.Tensor):
             raise ValueError("expected a ClassCounter state dict: {'counts': tensor of shape (C,)}")
+        check_holds_values("the state dict's 'counts'", counts, "counts")
         if counts.shape != self._local.shape:
             raise ValueError(
                 f"the state dict has counts of shape {tuple(counts.shape)}, this counter counts "
