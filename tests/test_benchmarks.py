@@ -425,6 +425,15 @@ def test_static_estimate_beside_the_measured_time():
     assert matched[1:] == ["60.0", "0.300", "issue", "0.450", "graph", "1.50", "0.33"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_host_on_cuda_without_a_device_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        host.main(["--device", "cuda"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "--device cuda: no CUDA device here"
+    )
+
+
 def test_host_times_each_provider_and_puts_the_triton_launches_back(capsys):
     pytest.importorskip("triton")
     from blv_kernels.backends import triton_kernel
@@ -433,7 +442,7 @@ def test_host_times_each_provider_and_puts_the_triton_launches_back(capsys):
     assert host.main(["--calls", "3"]) == 0
     assert triton_kernel.Launch.__call__ is launch and os.environ.get("TRITON_INTERPRET") == interpret
     printed = capsys.readouterr().out.splitlines()[1:]
-    rows = dict(re.match(r"\s+(F\.cross_entropy|BLV \w+)\s+(.+)", row).groups() for row in printed)
-    assert list(rows) == ["F.cross_entropy", "BLV cpu", "BLV triton"]
+    rows = dict(re.match(r"\s+(F\.cross_entropy|BLV cpu|BLV triton stub)\s+(.+)", row).groups() for row in printed)
+    assert list(rows) == ["F.cross_entropy", "BLV cpu", "BLV triton stub"]
     for provider, text in rows.items():  # (the CPU kernel needs a C++ compiler)
         assert re.match(r"[\d.]+ us +[\d.]+x", text) or (provider == "BLV cpu" and text.startswith("not run ("))
