@@ -1,6 +1,6 @@
 """Static performance report of the fused Triton backend: what its sm_90 code costs, on a CPU.
 
-    python -m benchmarks.static_report [--json] [--cases NAME,...]
+    python -m benchmarks.static_report [--json] [--cases NAME,...] [--all-configs]
 
 For each benchmark case (shape, dtype, layout) it plans the launches of one training step
 exactly as ``backends/triton_kernel.py`` does (on meta tensors: ``label_launch``,

@@ -305,7 +305,8 @@ def main(argv=None) -> int:
 
     problems = {loss: backend and blv_backend_problem(backend, device) for loss, (_, backend) in LOSSES.items()}
     skipped_precisions = precision_problems(args, device)
-    note = f"{device.type} run, {size} input, {profile_name} profile ({args.rounds} rounds of {args.iters} iterations)"
+    note = (f"{device.type} run, {size} input, {profile_name} profile (up to {args.rounds} rounds of {args.iters} "
+            "iterations: --budget-s may cut them, each row's rounds say how many ran)")  # fmt: skip
     if size != "full":
         note += " (scaled down from the 512x1024 crop: not the real cost)"
     if model_name == "encdec":

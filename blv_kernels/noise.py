@@ -1,6 +1,6 @@
 """The BLV variation stream: counter-based, reproducible, identical in PyTorch and in the kernels.
 
-Contract (``BLV_SPEC.md`` section 4). View the logits as ``(N, C, S)``, S the product of
+Contract (the README's "The variation stream"). View the logits as ``(N, C, S)``, S the product of
 the spatial sizes (1 for ``(N, C)``). Element ``(n, c, s)`` takes word ``c % 4`` of
 
     Philox4x32-10(key = (lo32(seed), hi32(seed)),
@@ -25,7 +25,7 @@ Below that sigma it is M. Giles' single-precision approximation ("Approximating 
 function", GPU Computing Gems, 2011): one log, plus a sqrt in the tail. Both agree with the
 exact ``erfinv`` to float32 rounding (``tests/test_noise.py`` checks this against float64).
 
-The functions here are the PyTorch implementation; ``blv_kernels/kernels`` repeats the
+The functions here are the PyTorch implementation; ``backends/triton_kernel.py`` repeats the
 same float32 operations in Triton, so both give the same words bit for bit and the same
 ``v`` to within float32 rounding.
 """

@@ -122,3 +122,9 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(dists):
     assert list((work / "kernel_cache").rglob("*.so"))
     version = run(str(venv / "bin" / "blv-kernels"), "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"blv_kernels {blv_kernels.__version__}"
+    # the README's usage example, as a user pastes it, runs against the installed package
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = readme.split("## Use\n", 1)[1].split("```python\n", 1)[1].split("```\n", 1)[0]
+    (run_dir / "use.py").write_text(example + "print(float(loss))\n")
+    use = run(str(python), "use.py")
+    assert use.returncode == 0 and float(use.stdout.split()[-1]) > 0, use.stdout + use.stderr

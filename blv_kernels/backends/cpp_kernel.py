@@ -5,7 +5,7 @@ strides; each device type has its own shared library implementing them (``csrc/c
 ``csrc/cuda``), built by ``build_csrc`` on first use (or by ``setup.py``) and called here
 through ctypes. So there is no second op schema and no torch C++ extension to build against
 torch's headers: the op, its fake and its autograd are those of ``blv_kernels/ops.py``, and
-this module only lays a :class:`~blv_kernels.BLVProblem` out for the C side.
+this module only lays a :class:`~blv_kernels.problem.BLVProblem` out for the C side.
 """
 
 from __future__ import annotations

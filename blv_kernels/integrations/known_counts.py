@@ -12,7 +12,7 @@ CITYSCAPES_CLASSES = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )  # fmt: skip
 
-# GTA5 pixel counts of the 19 Cityscapes classes (BLV_SPEC.md section 7), car = 1259269812.
+# GTA5 pixel counts of the 19 Cityscapes classes (the released code's, car corrected: 1259269812).
 GTA5_CLASS_COUNTS = (
     16099193283, 4155428633, 8478285320, 925367586, 317481282, 531401266, 67288808, 40463971, 3810296251,
     1074861777, 6784666433, 181828023, 15321782, 1259269812, 564950248, 184638969, 32522117, 15799033, 2718199,
