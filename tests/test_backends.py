@@ -255,6 +255,34 @@ def test_nan_and_inf_propagate_like_pytorch(fused):
     torch.testing.assert_close(ours[0].isnan(), plain.isnan())
 
 
+@pytest.mark.parametrize("shape, channels_last", [((3, 5, 2, 2), False), ((3, 40, 2, 2), True), ((12, 40), False)],
+                         ids=["NCHW-C5", "channels_last-C40", "rows-C40"])  # fmt: skip
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_logits_at_ignored_positions_are_ignored(fused, shape, channels_last, bad, rng):
+    # F.cross_entropy leaves an ignored position out of the loss, whatever its logits: so does every
+    # backend, in every reduction (0 * NaN would make the sum NaN). The gradient is compared away from
+    # those positions: there it is NaN on the reference (autograd's 0 * NaN, as F.cross_entropy's)
+    # and may be 0 on a fused backend.
+    x = torch.randn(shape, generator=rng)
+    target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=rng)
+    ignored = torch.zeros(target.shape, dtype=torch.bool)
+    ignored.view(-1)[1::4] = True
+    target[ignored] = 255
+    x.movedim(1, -1)[ignored] = torch.where(torch.rand(ignored.sum(), shape[1], generator=rng) < 0.5, bad, 1.0)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x, target, counts = x.to(DEVICE), target.to(DEVICE), list(range(1, shape[1] + 1))
+    for reduction in ("none", "sum", "mean"):
+        ours = _loss_grad(fused, x, target, counts, sigma=6.0, seed=3, ignore_index=255, reduction=reduction)
+        ref = _loss_grad("reference", x, target, counts, sigma=6.0, seed=3, ignore_index=255, reduction=reduction)
+        assert ours[0].isfinite().all(), reduction
+        torch.testing.assert_close(ours[0], ref[0], msg=reduction)
+        kept = ~ignored.to(DEVICE)
+        torch.testing.assert_close(ours[1].movedim(1, -1)[kept], ref[1].movedim(1, -1)[kept], msg=reduction)
+    plain = torch.nn.functional.cross_entropy(x, target, ignore_index=255, reduction="none")
+    torch.testing.assert_close(plain[ignored.to(DEVICE)], torch.zeros(ignored.sum().item(), device=DEVICE))
+
+
 def test_minus_inf_classes_before_finite_ones(fused, rng):
     # -inf logits (masked classes) filling the first chunks, finite ones after them
     x = torch.randn(4, 100, generator=rng)

@@ -574,8 +574,9 @@ def _blv_loss_kernel(
         )  # fmt: skip
 
     b_log_d = tl.log(b_d)
-    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid
-    b_loss = (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d)
+    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid,
+    # by a select: cw_t = 0 there, but a NaN or inf logit of an ignored position makes the bracket NaN
+    b_loss = tl.where(m_valid, (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d), 0.0)
     if HAS_SMOOTHING:
         b_loss += tl.where(m_valid, (eps / C) * (b_smooth + b_weight_sum * b_log_d), 0.0)
     if HAS_POSITION_WEIGHT:
