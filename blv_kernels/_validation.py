@@ -21,6 +21,8 @@ def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
     """Logits ``(N, C, d1..dk)`` floating point, target ``(N, d1..dk)`` integer, same device."""
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("logits and target must be tensors")
+    check_dense("logits", logits)
+    check_dense("target", target)
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() < 2:
@@ -57,6 +59,13 @@ def check_constant(name: str, tensor: torch.Tensor) -> None:
         )
 
 
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """Every backend addresses tensors through strides: a sparse or nested tensor is refused by name."""
+    if tensor.layout != torch.strided or tensor.is_nested:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} one")
+
+
 def check_holds_values(name: str, tensor: torch.Tensor, what: str = "values") -> None:
     """A meta tensor has a shape and no data: an error naming it, not torch's "Cannot copy out of meta tensor"."""
     if tensor.device.type == "meta":
@@ -69,6 +78,7 @@ def check_class_vector(name: str, vec: torch.Tensor | None, logits: torch.Tensor
         return
     if not isinstance(vec, torch.Tensor) or not vec.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor of shape (C,), got {type(vec).__name__}")
+    check_dense(name, vec)
     num_classes = logits.shape[1]
     if vec.shape != (num_classes,):
         raise ValueError(f"{name} must have shape ({num_classes},) for C={num_classes} classes, got {tuple(vec.shape)}")
@@ -82,6 +92,7 @@ def check_position_weight(position_weight: torch.Tensor | None, target: torch.Te
         return
     if not isinstance(position_weight, torch.Tensor) or not position_weight.dtype.is_floating_point:
         raise TypeError("position_weight must be a floating-point tensor with the target's shape")
+    check_dense("position_weight", position_weight)
     if position_weight.shape != target.shape:
         raise ValueError(
             f"position_weight shape {tuple(position_weight.shape)} does not match target shape {tuple(target.shape)}"
@@ -100,7 +111,11 @@ def check_avg_factor(avg_factor, reduction: str) -> None:
         )
     if isinstance(avg_factor, torch.Tensor):  # data: its value is used as it is (reading it would sync)
         if avg_factor.numel() != 1 or avg_factor.dtype == torch.bool or avg_factor.dtype.is_complex:
-            raise TypeError(f"avg_factor must be a number or a one-element tensor, got shape {tuple(avg_factor.shape)}")
+            raise TypeError(
+                f"avg_factor must be a number or a one-element tensor of real numbers, got a {avg_factor.dtype} "
+                f"tensor of shape {tuple(avg_factor.shape)}"
+            )
+        check_dense("avg_factor", avg_factor)
         check_constant("avg_factor", avg_factor)
     elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
