@@ -227,8 +227,27 @@ def test_equals_mmseg_cross_entropy_of_perturbed_logits(rng, mmseg_cross_entropy
     torch.testing.assert_close(loss_fn(logits, label, weight, ignore_index=IGNORE), ref)
 
 
+@pytest.mark.parametrize("ignore_index", [0, 3, -1, -5])
+@pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["all", "non-ignored"])
+def test_class_weight_with_an_ignore_index_among_the_classes_equals_mmseg(rng, mmseg_cross_entropy, ignore_index,
+                                                                          avg_non_ignore):  # fmt: skip
+    """Where ignore_index indexes the class weights (in [-C, C)), mmseg's mean over all positions
+    counts class_weight[ignore_index] at each ignored position: so does the adapter, in training
+    (sigma = 0) and in eval."""
+    logits, label, counts = _batch(rng)
+    label[label == IGNORE] = ignore_index
+    class_weight = torch.rand(5, generator=rng) + 0.5
+    ref = mmseg_cross_entropy(
+        logits, label, class_weight=class_weight, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore
+    )
+    loss_fn = MMSegBLVLoss(counts, sigma=0.0, class_weight=class_weight, avg_non_ignore=avg_non_ignore)
+    torch.testing.assert_close(loss_fn(logits, label, ignore_index=ignore_index), ref)
+    torch.testing.assert_close(loss_fn.eval()(logits, label, ignore_index=ignore_index), ref)
+
+
 def test_class_weight_equals_mmseg_without_ignored_labels(rng, mmseg_cross_entropy):
-    """mmseg 1.x defines class-weighted means only when no label is ignored (else IndexError)."""
+    """mmseg 1.x defines class-weighted means with ignore_index 255 only when no label is ignored
+    (else IndexError)."""
     logits, label, counts = _batch(rng)
     label[label == IGNORE] = 0
     class_weight = torch.rand(5, generator=rng) + 0.5

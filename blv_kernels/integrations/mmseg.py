@@ -13,13 +13,15 @@ The reductions are those of mmseg's ``CrossEntropyLoss`` (``cross_entropy`` and
            avg_factor (when the caller gives none) = number of positions, ignored ones
            included (avg_non_ignore=False, mmseg's default), or of non-ignored positions
            (avg_non_ignore=True); with class_weight, the sum of the class weights of the
-           non-ignored positions, plus 1 per ignored position when avg_non_ignore=False
+           non-ignored positions, plus, when avg_non_ignore=False, class_weight[ignore_index]
+           per ignored position (mmseg's ``class_weight[label]``) where ignore_index lies in
+           [-C, C), else 1
     sum:   loss_weight * sum(l * weight)
     none:  loss_weight * l * weight, ignored positions 0
 
 where ``l`` is the per-position loss, multiplied by ``class_weight[target]``. mmseg 1.x
-fails (IndexError) whenever class weights meet an ignored label; counting an ignored
-position as 1 is our choice, so that all-ones class weights equal no class weights.
+fails (IndexError) when class weights meet an ignored label outside [-C, C), such as 255;
+counting such a position as 1 is our choice, so that all-ones class weights equal none.
 """
 
 from __future__ import annotations
@@ -152,9 +154,13 @@ class MMSegBLVLoss(BLVLoss):
         valid = label != ignore_index
         if self.weight is None:
             return valid.sum() if self.avg_non_ignore else label.numel()
-        per_position = self.weight[label.clamp(0, self.weight.numel() - 1)]
-        per_position = torch.where(valid, per_position, 0.0 if self.avg_non_ignore else 1.0)
-        return per_position.sum()
+        num_classes = self.weight.numel()
+        per_position = self.weight[label.clamp(0, num_classes - 1)]
+        if self.avg_non_ignore:
+            ignored = 0.0
+        else:  # mmseg's class_weight[label] where it has one (a negative index counts from the end), else 1
+            ignored = self.weight[ignore_index] if -num_classes <= ignore_index < num_classes else 1.0
+        return torch.where(valid, per_position, ignored).sum()
 
     def extra_repr(self) -> str:
         return (
