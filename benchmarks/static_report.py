@@ -100,7 +100,7 @@ def meta_problem(case: Case) -> tuple[BLVProblem, torch.Tensor]:
         logits=logits, target=target, variation_weight=torch.empty(case.num_classes, device="meta"),
         class_weight=None, position_weight=None, seed=torch.empty((), dtype=torch.int64, device="meta"),
         variation_params=torch.empty(2, device="meta"), avg_factor=None, offset=0, ignore_index=255,
-        reduction="mean", mode="abs", label_smoothing=0.0,
+        reduction="mean", mode="abs", label_smoothing=0.0, loss_dtype=case.dtype,
     ), scalar  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from ._validation import (
     check_target_values,
 )
 from .backends import get_backend, resolve_backend
-from .problem import BLVProblem
+from .problem import BLVProblem, loss_dtype
 from .weights import class_weights
 
 __all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights", "plain_cross_entropy", "BLVLoss", "draw_seed"]
@@ -166,7 +166,7 @@ def blv_cross_entropy_from_weights(
         position_weight=None if position_weight is None else position_weight.to(weight_dtype),
         seed=seed, variation_params=variation_params, avg_factor=_avg_factor_tensor(avg_factor, device),
         offset=noise.check_offset(offset, positions), ignore_index=int(ignore_index), reduction=reduction,
-        mode=mode, label_smoothing=float(label_smoothing),
+        mode=mode, label_smoothing=float(label_smoothing), loss_dtype=loss_dtype(logits),
     )  # fmt: skip
     if chosen.fused:
         return ops.fused_loss(problem, chosen.name)
@@ -336,5 +336,5 @@ def plain_cross_entropy(
     return reference.weighted_cross_entropy(
         logits, target.long(), None if weight is None else weight.to(logits.dtype), ignore_index=int(ignore_index),
         reduction=reduction, label_smoothing=float(label_smoothing), position_weight=position_weight,
-        avg_factor=_avg_factor_tensor(avg_factor, logits.device),
+        avg_factor=_avg_factor_tensor(avg_factor, logits.device), dtype=loss_dtype(logits),
     )  # fmt: skip

@@ -19,7 +19,8 @@ recompiling is a tensor argument: the seed, the variation parameters (from sigma
 The math of one position, the reductions and the label rule are spelled out in
 ``csrc/blv_kernel.h``; in short, ``F.cross_entropy(z, target, weight, ignore_index, reduction,
 label_smoothing)`` of the perturbed logits ``z = x + v * w`` in float32, times the position
-weights, the result in the logits' dtype. Weights are constants: no backend differentiates
+weights, the result in the logits' dtype (float32 for half logits under autocast:
+``problem.loss_dtype``). Weights are constants: no backend differentiates
 with respect to them (``_validation.check_constant_weights``).
 """
 
@@ -50,6 +51,7 @@ def fused_blv_cross_entropy(
     reduction: str,
     mode: str,
     label_smoothing: float,
+    loss_dtype: torch.dtype,
     compute_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +60,7 @@ def fused_blv_cross_entropy(
         logits=logits, target=target, variation_weight=variation_weight, class_weight=class_weight,
         position_weight=position_weight, seed=seed, variation_params=variation_params, avg_factor=avg_factor,
         offset=offset, ignore_index=ignore_index, reduction=reduction, mode=mode, label_smoothing=label_smoothing,
+        loss_dtype=loss_dtype,
     )  # fmt: skip
     _check_call(problem, backend)
     return get_backend(backend).implementation().forward(problem, compute_grad=compute_grad)
@@ -91,7 +94,7 @@ def _check_call(problem: BLVProblem, backend: str) -> None:
 def _(*inputs):
     a = _named(inputs)
     logits = a["logits"]
-    loss = logits.new_empty(a["target"].shape if a["reduction"] == "none" else ())
+    loss = logits.new_empty(a["target"].shape if a["reduction"] == "none" else (), dtype=a["loss_dtype"])
     return loss, empty_gradient(logits) if a["compute_grad"] else logits.new_empty(0)
 
 
@@ -156,7 +159,7 @@ def fused_loss(problem: BLVProblem, backend: str) -> torch.Tensor:
         loss, _ = fused_blv_cross_entropy(
             problem.logits, problem.target, problem.variation_weight, problem.class_weight, problem.position_weight,
             problem.seed, problem.variation_params, problem.avg_factor, problem.offset, problem.ignore_index,
-            problem.reduction, problem.mode, problem.label_smoothing, compute_grad, backend,
+            problem.reduction, problem.mode, problem.label_smoothing, problem.loss_dtype, compute_grad, backend,
         )  # fmt: skip
         return loss
     return _EagerFusedLoss.apply(problem.logits, problem, backend, compute_grad)

@@ -15,7 +15,20 @@ import torch
 from . import noise
 from ._validation import check_loss_arguments, check_options, invalid_target_mask, raise_or_assert_no_bad_labels
 
-__all__ = ["BLVProblem", "check_problem", "check_labels", "mean_divisor", "reduced_loss"]
+__all__ = ["BLVProblem", "loss_dtype", "check_problem", "check_labels", "mean_divisor", "reduced_loss"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype of the loss of ``logits``: theirs, but float32 for float16/bfloat16 logits under
+    autocast for their device, as ``F.cross_entropy`` (on autocast's float32 list) returns it: a
+    half loss would round what is logged, overflow a float16 sum, and take GradScaler's 65536 as inf."""
+    device_type = logits.device.type
+    if (logits.dtype in HALF_DTYPES and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):  # fmt: skip
+        return torch.float32
+    return logits.dtype
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class BLVProblem:
     reduction: str  # "none", "sum", "mean"
     mode: str  # "abs" (v = min(|eps|, 1)) or "clamp" (v = clamp(eps, 0, 1))
     label_smoothing: float
+    loss_dtype: torch.dtype  # the returned loss's: ``loss_dtype(logits)``
 
     @property
     def num_classes(self) -> int:
@@ -60,6 +74,8 @@ def check_problem(problem: BLVProblem) -> None:
                          p.avg_factor)  # fmt: skip
     check_options(ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, mode=p.mode)
     noise.check_offset(p.offset, p.positions)
+    if p.loss_dtype not in (p.logits.dtype, torch.float32):
+        raise TypeError(f"loss_dtype must be the logits' dtype ({p.logits.dtype}) or torch.float32, got {p.loss_dtype}")
     noise.check_variation_params_tensor(p.variation_params, p.logits.device)
     for name, vec in (("variation weight", p.variation_weight), ("weight", p.class_weight)):
         if vec is not None and (vec.dtype != torch.float32 or not vec.is_contiguous()):
@@ -96,8 +112,8 @@ def mean_divisor(problem: BLVProblem, weight_sums: torch.Tensor) -> torch.Tensor
 
 def reduced_loss(problem: BLVProblem, loss_sums: torch.Tensor, denom: torch.Tensor | None,
                  loss_per_position: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    """The loss in the logits' dtype from the loss pass's per-block sums (a fixed-order torch.sum: deterministic)."""
+    """The loss in ``problem.loss_dtype`` from the loss pass's per-block sums (a fixed-order torch.sum: deterministic)."""
     if problem.reduction == "none":
         return loss_per_position
     total = loss_sums.sum()
-    return (total if denom is None else total / denom).to(problem.logits.dtype)
+    return (total if denom is None else total / denom).to(problem.loss_dtype)

@@ -3,7 +3,7 @@ backend that runs anywhere (any device, float64 too, double backward and ``torch
 
 Written for clarity, not speed: it materialises the variation ``v`` and the perturbed logits
 ``z = x + v * w`` in float32 (float64 for float64 logits), then calls ``F.cross_entropy`` on
-them and casts the result to the logits' dtype. Memory traffic for (N, C, S) logits: the
+them and casts the result to the loss's dtype (the logits', or float32 under autocast). Memory traffic for (N, C, S) logits: the
 Philox counters and words (several int64 tensors of N*S*C/4), ``v``, ``z``, then
 ``F.cross_entropy``'s own passes; the fused backends read the logits once.
 """
@@ -39,7 +39,7 @@ def loss(problem: BLVProblem, variation: torch.Tensor | None = None) -> torch.Te
         z, target, class_weight, ignore_index=problem.ignore_index, reduction=problem.reduction,
         label_smoothing=problem.label_smoothing, position_weight=problem.position_weight,
         avg_factor=problem.avg_factor,
-    ).to(logits.dtype)  # fmt: skip
+    ).to(problem.loss_dtype)  # fmt: skip
 
 
 def weighted_cross_entropy(
@@ -52,28 +52,31 @@ def weighted_cross_entropy(
     label_smoothing: float,
     position_weight: torch.Tensor | None,
     avg_factor: torch.Tensor | None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(z, target, class_weight, ...)`` (int64 target, weight in z's dtype) times
-    mmseg's per-position weights, divided by ``avg_factor`` when given; the result in z's dtype.
+    mmseg's per-position weights, divided by ``avg_factor`` when given; the result in ``dtype``
+    (z's by default).
 
     The weighting, sums and divisors of float16/bfloat16 ``z`` (eval's plain loss) are float32, as
     F.cross_entropy's own reductions: in half, 40000 positions' sum or an avg_factor of 1e5 is inf."""
     options = dict(weight=class_weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    dtype = z.dtype if dtype is None else dtype
     if position_weight is None and avg_factor is None:
-        return F.cross_entropy(z, target, reduction=reduction, **options)
+        return F.cross_entropy(z, target, reduction=reduction, **options).to(dtype)
     exact = torch.promote_types(z.dtype, torch.float32)
     per_position = F.cross_entropy(z, target, reduction="none", **options).to(exact)
     if position_weight is not None:
         per_position = per_position * position_weight.to(exact)
     if reduction == "none":
-        return per_position.to(z.dtype)
+        return per_position.to(dtype)
     total = per_position.sum()
     if reduction == "sum":
-        return total.to(z.dtype)
+        return total.to(dtype)
     if avg_factor is not None:
-        return (total / avg_factor.to(exact)).to(z.dtype)
+        return (total / avg_factor.to(exact)).to(dtype)
     # F.cross_entropy's divisor of "mean": the count of valid positions, or the sum of their class weights
     valid = target != ignore_index
     if class_weight is None:
-        return (total / valid.sum().to(exact)).to(z.dtype)
-    return (total / torch.where(valid, class_weight[target.clamp(0, z.shape[1] - 1)], 0).to(exact).sum()).to(z.dtype)
+        return (total / valid.sum().to(exact)).to(dtype)
+    return (total / torch.where(valid, class_weight[target.clamp(0, z.shape[1] - 1)], 0).to(exact).sum()).to(dtype)

@@ -283,6 +283,37 @@ def test_non_finite_logits_at_ignored_positions_are_ignored(fused, shape, channe
     torch.testing.assert_close(plain[ignored.to(DEVICE)], torch.zeros(ignored.sum().item(), device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+def test_under_autocast_the_loss_is_float32_as_f_cross_entropys(backend, reduction, dtype, rng):
+    # F.cross_entropy is on autocast's float32 list: under autocast its loss of half logits is
+    # float32. So is BLV's: the same float32 value, not rounded to half (which would round the logged
+    # loss, overflow a float16 sum and take GradScaler's 2**16 as inf); the gradient is unchanged.
+    skip_unless_runs(backend, dtype)
+    x = (torch.randn(2, 7, 3, 5, generator=rng) * 3).to(DEVICE, dtype)
+    target = torch.randint(0, 7, (2, 3, 5), generator=rng)
+    target[0, 0] = 255
+    target = target.to(DEVICE)
+    # (for "none", a grad_output that half holds exactly: the plain loss's would be rounded to half)
+    grad_out = None if reduction != "none" else torch.rand(2, 3, 5, generator=rng).to(DEVICE, dtype).float()
+    kwargs = dict(sigma=6.0, seed=5, ignore_index=255, reduction=reduction)
+    plain = _loss_grad(backend, x, target, [9, 7, 5, 3, 2, 1, 1], grad_out=grad_out, **kwargs)
+    with torch.autocast(DEVICE, dtype=dtype):
+        autocast = _loss_grad(backend, x, target, [9, 7, 5, 3, 2, 1, 1], grad_out=grad_out, **kwargs)
+        assert (
+            torch.nn.functional.cross_entropy(x, target, ignore_index=255, reduction=reduction).dtype == torch.float32
+        )
+    assert plain[0].dtype == dtype and autocast[0].dtype == torch.float32 and autocast[1].dtype == dtype
+    rounded = autocast[0].to(dtype)
+    if backend == "triton" and DEVICE == "cpu" and dtype == torch.bfloat16 and reduction == "none":
+        # the interpreter's kernel stores float32 -> bfloat16 truncated (GPUs round to nearest)
+        rounded = (autocast[0].view(torch.int32) & -(2**16)).view(torch.float32).to(dtype)
+    torch.testing.assert_close(rounded, plain[0], rtol=0, atol=0)
+    assert (autocast[0] != plain[0].float()).any()  # not the half value, widened
+    torch.testing.assert_close(autocast[1], plain[1], rtol=0, atol=0)
+
+
 def test_minus_inf_classes_before_finite_ones(fused, rng):
     # -inf logits (masked classes) filling the first chunks, finite ones after them
     x = torch.randn(4, 100, generator=rng)

@@ -208,10 +208,11 @@ def mmseg_cross_entropy():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["all", "non-ignored"])
-@pytest.mark.parametrize("weighted", [False, True], ids=["", "position-weight"])
+@pytest.mark.parametrize("weighted", ["", "position-weight", "broadcast"])  # broadcast: (N, 1, W), as mmseg multiplies
 def test_equals_mmseg_cross_entropy_of_perturbed_logits(rng, mmseg_cross_entropy, reduction, avg_non_ignore, weighted):
     logits, label, counts = _batch(rng)
-    weight = torch.rand(label.shape, generator=rng) if weighted else None
+    weight_shape = label.shape if weighted == "position-weight" else (label.shape[0], 1, label.shape[2])
+    weight = torch.rand(weight_shape, generator=rng) if weighted else None
     loss_fn = MMSegBLVLoss(counts, sigma=6.0, loss_weight=1.5, avg_non_ignore=avg_non_ignore, reduction=reduction)
     tri, seed = _call_with_seed(loss_fn, logits, label, weight=weight, ignore_index=IGNORE)
     v = noise.variation(logits.shape, 6.0, seed=seed)
@@ -400,6 +401,9 @@ def test_bad_class_weights(tmp_path):
         MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "missing.npy"))
     with pytest.raises(ValueError, match="one entry per class"):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, 2.0])
+    for given in (torch.ones(3, dtype=torch.complex64), np.ones(3, dtype=np.complex128), np.ones(3, dtype=bool)):
+        with pytest.raises(TypeError, match=f"^class_weight must be real numbers, got a {given.dtype}"):
+            MMSegBLVLoss([1, 2, 3], class_weight=given)
 
 
 def test_malformed_json_files_are_named(tmp_path):
@@ -447,6 +451,11 @@ def test_bad_arguments(kwargs, error, match):
         (dict(avg_factor=-1.0), ValueError, "avg_factor must be a finite number >= 0.0, got -1.0"),
         (dict(avg_factor=torch.ones(2)), TypeError, "avg_factor must be a number or a one-element tensor"),
         (dict(weight=[1.0]), TypeError, "weight (per position) must be a tensor of real numbers, got list"),
+        (
+            dict(weight=torch.ones(2, 3, 6)),
+            ValueError,
+            "weight (per position) of shape (2, 3, 6) does not broadcast to the labels' shape (2, 4, 6)",
+        ),  # fmt: skip
         (
             dict(weight=torch.ones(2, 4, 6, dtype=torch.complex64)),
             TypeError,

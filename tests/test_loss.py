@@ -306,6 +306,30 @@ def test_eval_of_half_logits_sums_and_divides_in_float32(dtype, extra, rng):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["", "avg_factor", "position_weight"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_eval_under_autocast_is_float32_as_f_cross_entropy(dtype, extra, reduction, rng):
+    # the plain loss of eval() under autocast: F.cross_entropy's float32 (every path, not only the
+    # one that calls it directly), the value training's at sigma = 0 gives there
+    logits, target, counts = _batch(rng)
+    logits = logits.to(dtype)
+    options = {"avg_factor": 7.0} if extra == "avg_factor" else {}
+    if extra == "position_weight":
+        options["position_weight"] = torch.rand(target.shape, generator=rng)
+    if reduction != "mean":
+        options.pop("avg_factor", None)
+    loss_fn = BLVLoss(counts, sigma=0.0, ignore_index=255, reduction=reduction, backend="reference")
+    with torch.autocast("cpu", dtype=dtype):
+        training = loss_fn(logits, target, **options)
+        got = loss_fn.eval()(logits, target, **options)
+        plain = F.cross_entropy(logits, target.long(), ignore_index=255, reduction=reduction)
+    assert got.dtype == training.dtype == plain.dtype == torch.float32
+    torch.testing.assert_close(got, training)
+    if not extra:
+        torch.testing.assert_close(got, plain)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_functional_form_compiles_with_a_list_of_counts(backend, rng):
     backend = _backend(backend)

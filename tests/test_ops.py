@@ -33,7 +33,7 @@ def _op_args(rng, backend, reduction, *, weights=False, compute_grad=True):
     pw = (torch.rand(2, 3, 5, generator=rng) + 0.5).to(DEVICE) if weights else None
     seed = noise.seed_tensor(int(torch.randint(0, 2**62, (), generator=rng)), DEVICE)
     return (x, target, torch.rand(7, generator=rng).to(DEVICE), cw, pw, seed, noise.variation_params_tensor(6.0, DEVICE),
-            None, 17, -100, reduction, "abs", 0.1 if weights else 0.0, compute_grad, backend)  # fmt: skip
+            None, 17, -100, reduction, "abs", 0.1 if weights else 0.0, x.dtype, compute_grad, backend)  # fmt: skip
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
@@ -66,6 +66,12 @@ _ARG = {name: i for i, name in enumerate(ops._ARGUMENTS)}
         ("reduction", "avg", ValueError, "reduction must be one of"),
         ("mode", "xx", ValueError, "mode must be one of"),
         ("label_smoothing", 5.0, ValueError, "label_smoothing must be a number in"),
+        (
+            "loss_dtype",
+            torch.float16,
+            TypeError,
+            "loss_dtype must be the logits' dtype .torch.float32. or torch.float32",
+        ),
         ("backend", "reference", ValueError, "'reference' is not a fused backend"),
         ("logits", torch.randn(2, 7, 3, 5, dtype=torch.float64), TypeError, "float64: use backend='reference'"),
     ],

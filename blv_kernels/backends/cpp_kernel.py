@@ -42,7 +42,7 @@ class BlvProblem(ctypes.Structure):
         ("stride_tn", ctypes.c_int64), ("stride_ts", ctypes.c_int64),
         ("stride_wn", ctypes.c_int64), ("stride_ws", ctypes.c_int64),
         ("logits_dtype", ctypes.c_int32), ("target_dtype", ctypes.c_int32), ("reduction", ctypes.c_int32),
-        ("clamp_mode", ctypes.c_int32), ("label_smoothing", ctypes.c_float),
+        ("clamp_mode", ctypes.c_int32), ("loss_dtype", ctypes.c_int32), ("label_smoothing", ctypes.c_float),
     ]  # fmt: skip
 
 
@@ -91,7 +91,7 @@ class CompiledKernels:
             batch, problem.num_classes, positions // batch if batch else 0, problem.offset, problem.ignore_index,
             s["stride_xn"], s["stride_xc"], s["stride_xs"], s["stride_tn"], s["stride_ts"], s["stride_wn"],
             s["stride_ws"], FLOAT_TYPES[logits.dtype], INT_TYPES[target.dtype], REDUCTIONS[problem.reduction],
-            problem.mode == "clamp", problem.label_smoothing,
+            problem.mode == "clamp", FLOAT_TYPES[problem.loss_dtype], problem.label_smoothing,
         )  # fmt: skip
         device = logits.device
         stream, threads, current = self._launch(device)
@@ -106,7 +106,9 @@ class CompiledKernels:
             denom = mean_divisor(problem, weight_sums)
             loss_sums = torch.empty(self.lib.blv_loss_blocks(c_problem), **f32)
             per_position = (
-                torch.empty(target.shape, dtype=logits.dtype, device=device) if problem.reduction == "none" else None
+                torch.empty(target.shape, dtype=problem.loss_dtype, device=device)
+                if problem.reduction == "none"
+                else None
             )
             self._check(self.lib.blv_loss_pass(c_problem, _pointer(denom), _pointer(per_position), _pointer(loss_sums),
                                                _pointer(grad), s["stride_gn"], s["stride_gc"], s["stride_gs"], stream,

@@ -500,7 +500,7 @@ def _blv_loss_kernel(
     seed_ptr,  # the 64-bit Philox key, int64
     params_ptr,  # [scale, threshold] fp32 of the word -> v transform
     denom_ptr,  # the divisor of "mean" (REDUCTION == 2), fp32
-    loss_ptr,  # out: loss per position (N*S,) in the logits' dtype, if REDUCTION == 0
+    loss_ptr,  # out: loss per position (N*S,) in the loss's dtype, if REDUCTION == 0
     loss_sums_ptr,  # out: per program, the sum of its positions' losses, fp32
     grad_ptr,  # out: dloss/dx (N, C, S) through stride_g{n,c,s} (the logits' if GRAD_LIKE_X), if COMPUTE_GRAD
     S, C, offset, ignore_index, label_smoothing,
@@ -824,13 +824,14 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
         extras = view.position_weight is not None or problem.label_smoothing > 0 or problem.reduction == "none"
         config = kernel_config(problem.num_classes, view.positions_contiguous, extras)
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
-    device, dtype = view.logits.device, view.logits.dtype
+    device = view.logits.device
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
     return Launch(_blv_loss_kernel, grid, dict(
         x_ptr=view.logits, target_ptr=view.target, variation_weight_ptr=problem.variation_weight,
         class_weight_ptr=problem.class_weight, position_weight_ptr=view.position_weight, seed_ptr=problem.seed,
         params_ptr=problem.variation_params, denom_ptr=denom,
-        loss_ptr=torch.empty(problem.target.shape, dtype=dtype, device=device) if problem.reduction == "none" else None,
+        loss_ptr=torch.empty(problem.target.shape, dtype=problem.loss_dtype, device=device)
+        if problem.reduction == "none" else None,
         loss_sums_ptr=torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device), grad_ptr=view.grad,
         S=view.spatial, C=problem.num_classes, offset=problem.offset, ignore_index=problem.ignore_index,
         label_smoothing=problem.label_smoothing, **s,

@@ -22,7 +22,8 @@
  * adding a constant to every logit changes nothing (as in F.cross_entropy). A label outside
  * [0, C) that is not ignore_index is never used as an index: it counts as not valid and the
  * label pass reports it (the caller raises). All arithmetic is fp32 whatever the logits'
- * dtype; per-position losses and the gradient are stored in the logits' dtype. Reductions are
+ * dtype; the gradient is stored in the logits' dtype, per-position losses in loss_dtype (the
+ * logits', or float32: half logits under autocast, as F.cross_entropy returns). Reductions are
  * per-block partial sums in a fixed order (deterministic, no atomics), summed by the caller.
  *
  * Every function but the *_blocks ones returns 0 on success, else an error code that
@@ -58,6 +59,7 @@ typedef struct BlvProblem {
   int32_t target_dtype;  /* BlvIntType */
   int32_t reduction;     /* BlvReduction */
   int32_t clamp_mode;    /* 1: mode "clamp" (t = max(2u - 1, 0)); 0: mode "abs" (t = u) */
+  int32_t loss_dtype;    /* BlvFloatType of the per-position losses: logits_dtype or BLV_FLOAT32 */
   float label_smoothing; /* eps in [0, 1] */
 } BlvProblem;
 
@@ -69,8 +71,8 @@ int blv_label_pass(const BlvProblem* problem, float* weight_sums, int32_t* bad_c
                    int num_threads);
 
 /* Pass 2, over the logits. For each of blv_loss_blocks(problem) blocks, loss_sums[b] = the sum
- * of its positions' losses. With reduction "none", loss_per_position (N*S contiguous, logits'
- * dtype) gets every position's loss; it is NULL otherwise. denom: one value, the divisor of
+ * of its positions' losses. With reduction "none", loss_per_position (N*S contiguous,
+ * loss_dtype) gets every position's loss; it is NULL otherwise. denom: one value, the divisor of
  * "mean", read where the kernel runs; NULL for "none" and "sum". grad: NULL (no gradient), or
  * dloss/dx at n*stride_gn + c*stride_gc + s*stride_gs in the logits' dtype: the gradient of
  * the reduced loss for a grad_output of 1 ("sum", "mean"), of every position's loss ("none"). */

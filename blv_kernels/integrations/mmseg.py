@@ -136,7 +136,13 @@ class MMSegBLVLoss(BLVLoss):
             if not isinstance(weight, torch.Tensor) or weight.dtype.is_complex:
                 got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
                 raise TypeError(f"weight (per position) must be a tensor of real numbers, got {got}")
-            weight = weight.float()
+            try:  # broadcast to the labels' shape, as mmseg's loss * weight does: a view, no copy
+                weight = weight.float().expand_as(label)
+            except RuntimeError:
+                raise ValueError(
+                    f"weight (per position) of shape {tuple(weight.shape)} does not broadcast to the labels' shape "
+                    f"{tuple(label.shape)}"
+                ) from None
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
                        position_weight=weight, avg_factor=avg_factor)  # fmt: skip
         if self.training:
@@ -186,7 +192,11 @@ def load_class_weight(path: str | os.PathLike):
 
 
 def _class_weight_tensor(class_weight) -> torch.Tensor:
-    """A 1-D float32 tensor of finite class weights, or a ValueError that says what was wrong."""
+    """A 1-D float32 tensor of finite class weights, or an error that says what was wrong."""
+    # (a float conversion would drop an imaginary part with a warning, or take booleans as numbers)
+    if (isinstance(class_weight, torch.Tensor) and (class_weight.dtype.is_complex or class_weight.dtype == torch.bool)
+            or isinstance(class_weight, np.ndarray) and class_weight.dtype.kind in "cb"):  # fmt: skip
+        raise TypeError(f"class_weight must be real numbers, got a {class_weight.dtype} {type(class_weight).__name__}")
     if isinstance(class_weight, torch.Tensor):
         return _finite_vector(class_weight.detach().float(), class_weight)
     try:

@@ -193,6 +193,7 @@ bool valid_problem(const BlvProblem* pr) {
   if (pr == nullptr || pr->N < 0 || pr->C < 0 || pr->S < 0 || pr->C > INT32_MAX) return false;
   if (pr->S != 0 && pr->N > INT64_MAX / pr->S) return false;
   if (pr->logits_dtype < BLV_FLOAT32 || pr->logits_dtype > BLV_BFLOAT16) return false;
+  if (pr->loss_dtype != BLV_FLOAT32 && pr->loss_dtype != pr->logits_dtype) return false;
   if (pr->target_dtype < BLV_UINT8 || pr->target_dtype > BLV_INT64) return false;
   if (pr->reduction < BLV_REDUCTION_NONE || pr->reduction > BLV_REDUCTION_MEAN) return false;
   if (positions_of(*pr) == 0) return true;
@@ -210,7 +211,7 @@ struct LossCall {
   const float* class_weights;  // cw_c: the problem's, or ones
   bool rows;                   // the rows path (else tiles)
   float* loss_sums;
-  void* loss_per_position;  // "none" only
+  void* loss_per_position;  // "none" only, in the problem's loss_dtype
   void* grad;
   int64_t stride_gn, stride_gc, stride_gs;
   int64_t block_positions;
@@ -314,6 +315,15 @@ void load_tile(const LossCall& k, int64_t p0, int count, Tile<TILE>& tile) {
   }
 }
 
+// loss_per_position[p] = loss, in the problem's loss_dtype: float32, or the logits' (D's) storage.
+template <typename D>
+inline void store_loss(const LossCall& k, int64_t p, float loss) {
+  if (k.pr.loss_dtype == BLV_FLOAT32)
+    static_cast<float*>(k.loss_per_position)[p] = loss;
+  else
+    static_cast<typename D::Storage*>(k.loss_per_position)[p] = D::store(loss);
+}
+
 // One tile (see the top of the file); z: C*TILE floats of scratch. Returns the sum of its losses.
 template <typename D, int KIND, int TILE, bool CONTIGUOUS>
 float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
@@ -374,7 +384,6 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
 
   // 3. the losses
   float tile_sum = 0.0f;
-  T* loss_out = static_cast<T*>(k.loss_per_position);
   for (int j = 0; j < count; ++j) {
     const float log_d = logf(d[j]);
     float l = 0.0f;
@@ -383,7 +392,7 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
       if (smoothing > 0.0f) l += smoothing * (smooth[j] + k.weight_sum * log_d);
     }
     const float loss = l * tile.position_weight[j];  // a NaN position weight gives NaN even where not valid
-    if (loss_out != nullptr) loss_out[p0 + j] = D::store(loss);
+    if (k.loss_per_position != nullptr) store_loss<D>(k, p0 + j, loss);
     tile_sum += loss;
   }
   if (k.grad == nullptr) return tile_sum;
@@ -512,10 +521,9 @@ void loss_block(const LossCall& k, int64_t block, float* scratch) {
   const int64_t end = std::min(begin + k.block_positions, positions_of(pr));
   float block_sum = 0.0f;
   if (k.rows) {
-    typename D::Storage* loss_out = static_cast<typename D::Storage*>(k.loss_per_position);
     for (int64_t p = begin; p < end; ++p) {
       const float loss = loss_row<D, KIND>(k, p, scratch);
-      if (loss_out != nullptr) loss_out[p] = D::store(loss);
+      if (k.loss_per_position != nullptr) store_loss<D>(k, p, loss);
       block_sum += loss;
     }
     k.loss_sums[block] = block_sum;

@@ -508,6 +508,16 @@ struct Coefficients {
   float alpha[P], beta[P], gamma[P];
 };
 
+// The per-position losses of an item, in L (float32 or the logits' type): one vector run where it
+// is a whole pixel run.
+template <bool PIXEL, typename L>
+__device__ __forceinline__ void store_losses(L* out, int count, const float* loss) {
+  if (PIXEL && count == kRun)
+    store_run(out, loss);
+  else
+    store_strided(out, 1, count, loss);
+}
+
 template <typename T, bool PIXEL, int P>
 __device__ __forceinline__ float finish(const BlvProblem& pr, const LossArgs& a, const Item<P>& it, bool leader,
                                         const float m[P], const float d[P], const float zt[P], const float A[P],
@@ -538,12 +548,12 @@ __device__ __forceinline__ float finish(const BlvProblem& pr, const LossArgs& a,
     co.gamma[p] = scale * eps / C;
   }
   if (!leader) return 0.0f;
-  if (a.loss_per_position != nullptr) {
-    T* out = static_cast<T*>(a.loss_per_position) + it.n * pr.S + it.s0;
-    if (PIXEL && it.count == kRun)
-      store_run(out, loss);
+  if (a.loss_per_position != nullptr) {  // in loss_dtype: float32, or the logits' T
+    const int64_t at = it.n * pr.S + it.s0;
+    if (pr.loss_dtype == BLV_FLOAT32)
+      store_losses<PIXEL>(static_cast<float*>(a.loss_per_position) + at, it.count, loss);
     else
-      store_strided(out, 1, it.count, loss);
+      store_losses<PIXEL>(static_cast<T*>(a.loss_per_position) + at, it.count, loss);
   }
   return sum;
 }
@@ -802,6 +812,7 @@ bool known_float(int32_t dtype) { return dtype == BLV_FLOAT32 || dtype == BLV_FL
 
 int check(const BlvProblem& pr) {
   if (!known_float(pr.logits_dtype) || pr.target_dtype < BLV_UINT8 || pr.target_dtype > BLV_INT64) return kBadDtype;
+  if (pr.loss_dtype != BLV_FLOAT32 && pr.loss_dtype != pr.logits_dtype) return kBadDtype;
   const bool sizes = pr.N >= 0 && pr.S >= 0 && pr.C >= 1 && pr.C <= INT32_MAX - kRun;
   return sizes ? kOk : kBadProblem;
 }
