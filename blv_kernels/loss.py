@@ -181,7 +181,8 @@ def _avg_factor_tensor(avg_factor, device) -> torch.Tensor | None:
         if avg_factor.device.type == "meta" and device.type != "meta":
             raise ValueError("avg_factor is a meta tensor: it holds no value")
         return avg_factor.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), float(avg_factor), dtype=torch.float32, device=device)
+    # zeros + x, not torch.full((), x): torch.compile specializes full's float argument (a recompile per value)
+    return torch.zeros((), dtype=torch.float32, device=device) + avg_factor
 
 
 class BLVLoss(nn.Module):

@@ -283,6 +283,12 @@ def test_compile_takes_changing_shapes_and_numbers(backend, dynamic, rng):
         x = torch.randn(shape, generator=rng)
         t = torch.randint(0, 6, shape[:1] + shape[2:], generator=rng)
         torch.testing.assert_close(step(x, t, avg_factor), loss_fn(x, t, seed=5, avg_factor=avg_factor))
+    # more float values than the recompile limit: symbolic, no recompile per value (a float in
+    # torch.full was specialized: fullgraph failed after 8)
+    compiled_for = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for avg_factor in torch.linspace(15.5, 30.5, torch._dynamo.config.recompile_limit + 2).tolist():
+        torch.testing.assert_close(step(x, t, avg_factor), loss_fn(x, t, seed=5, avg_factor=avg_factor))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled_for
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
