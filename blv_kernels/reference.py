@@ -25,7 +25,10 @@ def loss(problem: BLVProblem, variation: torch.Tensor | None = None) -> torch.Te
     of the logits' shape instead of the stream."""
     logits = problem.logits
     num_classes = problem.num_classes
-    check_target_values(problem.target, num_classes, problem.ignore_index)
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        # (under torch.func transforms no check can count the labels, vmap allowing neither .item()
+        # nor _assert_async: F.cross_entropy's own check then refuses an out-of-range label)
+        check_target_values(problem.target, num_classes, problem.ignore_index)
     target = problem.target.long()
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if variation is None:

@@ -221,3 +221,20 @@ def test_empty_inputs_like_cross_entropy(shape, reduction):
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, reduction=reduction), equal_nan=True)
     loss.sum().backward()
     assert logits.grad.shape == logits.shape
+
+
+def test_per_sample_gradients_with_vmap_over_logits_and_labels(rng):
+    # torch.func's vmap(grad(loss)) over samples and their labels, as with F.cross_entropy: the
+    # label check cannot count under vmap, so F.cross_entropy's own refuses a bad label there
+    x, target = torch.randn(4, 5, 3, 3, generator=rng), torch.randint(0, 5, (4, 3, 3), generator=rng)
+    target[0, 0, 0] = 255
+
+    def loss(z, y):
+        return blv_cross_entropy(z[None], y[None], class_counts=[5, 1, 30, 7, 2], seed=3, ignore_index=255,
+                                 backend="reference")  # fmt: skip
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(x, target)
+    torch.testing.assert_close(per_sample, torch.stack([torch.func.grad(loss)(x[i], target[i]) for i in range(4)]))
+    target[1, 2, 2] = 5
+    with pytest.raises(RuntimeError, match="index 5 is out of bounds"):
+        torch.func.vmap(torch.func.grad(loss))(x, target)
