@@ -574,14 +574,14 @@ def _blv_loss_kernel(
         )  # fmt: skip
 
     b_log_d = tl.log(b_d)
-    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid,
-    # by a select: cw_t = 0 there, but a NaN or inf logit of an ignored position makes the bracket NaN
-    b_loss = tl.where(m_valid, (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d), 0.0)
+    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid
+    # (past S too) by a select: cw_t = 0 there, but a NaN or inf logit of an ignored position makes l NaN
+    b_loss = (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d)
     if HAS_SMOOTHING:
-        b_loss += tl.where(m_valid, (eps / C) * (b_smooth + b_weight_sum * b_log_d), 0.0)
+        b_loss += (eps / C) * (b_smooth + b_weight_sum * b_log_d)
+    b_loss = tl.where(m_valid, b_loss, 0.0)
     if HAS_POSITION_WEIGHT:
-        b_loss *= b_pw  # 0 * NaN = NaN even where not valid, as the reference (and mmseg) give
-    b_loss = tl.where(m_p, b_loss, 0.0)
+        b_loss *= b_pw  # 0 * NaN = NaN even where not valid, as the reference (and mmseg) give; pw = 0 past S
     tl.store(loss_sums_ptr + n * tl.num_programs(0) + pid_s, tl.sum(b_loss, 0))
     if REDUCTION == 0:
         tl.store(loss_ptr + n * S + o_s, b_loss.to(loss_ptr.dtype.element_ty), mask=m_p)
