@@ -185,8 +185,22 @@ def seed_tensor(seed, device) -> torch.Tensor:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if seed >= 2**63:  # same 64 bits, as a signed int64
         seed -= 2**64
+    if torch.compiler.is_compiling():
+        return _traced_seed(seed, device)
     # torch.full fills on the device: no host-to-device copy, no sync.
     return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("blv_kernels::seed_tensor", mutates_args=())
+def _traced_seed(seed: int, device: torch.device) -> torch.Tensor:
+    """``seed_tensor(seed)`` in a traced graph, opaque: inductor folded a constant seed through the
+    reference's Philox rounds into one expression that grew without end (minutes, gigabytes)."""
+    return torch.full((), seed, dtype=torch.int64, device=device)
+
+
+@_traced_seed.register_fake
+def _(seed, device):
+    return torch.empty((), dtype=torch.int64, device=device)
 
 
 def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

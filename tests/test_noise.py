@@ -247,3 +247,18 @@ def test_traced_variation_params_op_is_the_host_arithmetic(sigma):
     with pytest.raises(TypeError, match=r"sigma must be a 0-dim float64 CPU tensor, got shape \(2,\)"):
         op(torch.tensor([sigma, sigma], dtype=torch.float64), cpu)
     assert op(sigma_tensor.to("meta"), cpu).device.type == "meta"  # no memory on the CPU left unwritten
+
+
+def test_a_number_seed_is_opaque_to_the_compiler():
+    # Under torch.compile an int seed is an op's output, not a constant: inductor folded a constant
+    # seed through the reference's Philox rounds into one expression that grew for minutes
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    traced = torch.compile(lambda: noise.seed_tensor(2**64 - 3, "cpu"), backend=capture, fullgraph=True)
+    assert traced().item() == -3 == noise.seed_tensor(2**64 - 3, "cpu").item()
+    targets = [node.target for gm in graphs for node in gm.graph.nodes]
+    assert torch.ops.blv_kernels.seed_tensor.default in targets
