@@ -151,7 +151,7 @@ def _walk_options(case: Case, launch: tk.Launch) -> dict:
         # a masked gradient store that ptxas puts behind a branch (Triton 3.6): some lane stores
         branches[_line(tk._store_tile, "tl.store(tl.reshape(p, flat), tl.reshape(b, flat), mask=")] = _STORE
         full_chunks = case.num_classes // (4 * max(launch.args["CHUNK_GROUPS"], 1))  # then a masked partial one
-        sweeps = [_line(tk._row_statistics, sweep) for sweep in ("# first sweep", "# second sweep")]
+        sweeps = [_line(tk._row_loss, sweep) for sweep in ("# first sweep", "# second sweep")]
         trips.update(dict.fromkeys(sweeps, full_chunks))
         # the guard that skips a sweep with no full chunk, where ptxas attributes it to a line of the
         # loop's body (Triton 3.6): the side holding the loop runs when there are full chunks

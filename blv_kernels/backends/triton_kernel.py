@@ -406,7 +406,23 @@ def _exp_block(o_c, z0, z1, z2, z3, b_m, b_t, b_smooth, b_weight_sum, class_weig
 
 
 @triton.jit
-def _row_statistics(
+def _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C, HAS_CLASS_WEIGHT: tl.constexpr,
+                   HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d) times pw, 0 where not
+    valid (past S too) by a select: cw_t = 0 there, but a NaN or inf logit of an ignored position makes l NaN
+    (without class weights cw_t = [valid], which the select reads instead of the mask)."""
+    b_log_d = tl.log(b_d)
+    b_loss = (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d)
+    if HAS_SMOOTHING:
+        b_loss += (eps / C) * (b_smooth + b_weight_sum * b_log_d)
+    b_loss = tl.where(m_valid if HAS_CLASS_WEIGHT else b_cw != 0.0, b_loss, 0.0)
+    if HAS_POSITION_WEIGHT:
+        b_loss *= b_pw  # 0 * NaN = NaN even where not valid, as the reference (and mmseg) give; pw = 0 past S
+    return b_loss
+
+
+@triton.jit
+def _row_loss(
     x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t, b_cw,
     b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc,
     BLOCK_P: tl.constexpr, MAIN_GROUPS: tl.constexpr, TAIL_GROUPS: tl.constexpr, CHUNK_GROUPS: tl.constexpr,
@@ -414,7 +430,7 @@ def _row_statistics(
     COMPUTE_GRAD: tl.constexpr, CLAMP_MODE: tl.constexpr, HAS_CLASS_WEIGHT: tl.constexpr,
     HAS_POSITION_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
 ):  # fmt: skip
-    """Per position of the block: m, d, z_t, sum_c cw_c (m - z_c) and W; stores the gradient when COMPUTE_GRAD."""
+    """The loss of each position of the block (``_position_loss``); stores the gradient when COMPUTE_GRAD."""
     if HAS_CLASS_WEIGHT:  # W = sum_c cw_c, wanted with label smoothing, summed over the class blocks below
         b_weight_sum = 0.0
     else:
@@ -442,6 +458,9 @@ def _row_statistics(
             )  # fmt: skip
             b_d += d_tail
             b_zt += zt_tail
+        # the loss before the gradient's stores: m, d and z_t need not live through them (registers)
+        b_loss = _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C,
+                                HAS_CLASS_WEIGHT, HAS_POSITION_WEIGHT, HAS_SMOOTHING)  # fmt: skip
         if COMPUTE_GRAD:
             k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
                                           HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
@@ -487,7 +506,9 @@ def _row_statistics(
                     threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY, False, EVEN_S, COMPUTE_GRAD,
                     HAS_CLASS_WEIGHT, HAS_SMOOTHING,
                 )  # fmt: skip
-    return b_m, b_d, b_zt, b_smooth, b_weight_sum
+        b_loss = _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C,
+                                HAS_CLASS_WEIGHT, HAS_POSITION_WEIGHT, HAS_SMOOTHING)  # fmt: skip
+    return b_loss
 
 
 @triton.jit
@@ -559,29 +580,20 @@ def _blv_loss_kernel(
 
     # One uniform branch for the whole row: the erfinv of the transform (noise.variation_from_words).
     if threshold <= _POLY_MAX:
-        b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
+        b_loss = _row_loss(
             x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
             b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
             CHUNK_GROUPS, TAIL_CHUNK, MAIN_FULL, EVEN_S, True, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
             HAS_POSITION_WEIGHT, HAS_SMOOTHING,
         )  # fmt: skip
     else:
-        b_m, b_d, b_zt, b_smooth, b_weight_sum = _row_statistics(
+        b_loss = _row_loss(
             x_ptr, o_x, variation_weight_ptr, class_weight_ptr, grad_ptr, o_g, denom_ptr, k0, k1, q_lo, q_hi, m_p, b_t,
             b_cw, b_pw, m_valid, C, eps, scale, threshold, stride_xc, stride_gc, BLOCK_P, MAIN_GROUPS, TAIL_GROUPS,
             CHUNK_GROUPS, TAIL_CHUNK, MAIN_FULL, EVEN_S, False, REDUCTION, COMPUTE_GRAD, CLAMP_MODE, HAS_CLASS_WEIGHT,
             HAS_POSITION_WEIGHT, HAS_SMOOTHING,
         )  # fmt: skip
 
-    b_log_d = tl.log(b_d)
-    # l = (1-eps) cw_t ((m - z_t) + log d) + (eps/C) (sum_c cw_c (m - z_c) + W log d); 0 where not valid
-    # (past S too) by a select: cw_t = 0 there, but a NaN or inf logit of an ignored position makes l NaN
-    b_loss = (1.0 - eps) * b_cw * ((b_m - b_zt) + b_log_d)
-    if HAS_SMOOTHING:
-        b_loss += (eps / C) * (b_smooth + b_weight_sum * b_log_d)
-    b_loss = tl.where(m_valid, b_loss, 0.0)
-    if HAS_POSITION_WEIGHT:
-        b_loss *= b_pw  # 0 * NaN = NaN even where not valid, as the reference (and mmseg) give; pw = 0 past S
     tl.store(loss_sums_ptr + n * tl.num_programs(0) + pid_s, tl.sum(b_loss, 0))
     if REDUCTION == 0:
         tl.store(loss_ptr + n * S + o_s, b_loss.to(loss_ptr.dtype.element_ty), mask=m_p)
