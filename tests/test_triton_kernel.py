@@ -78,7 +78,8 @@ def _check_one_thread(num_classes, config, positions_contiguous):
         groups <= sum(tk.class_blocks(groups, 1)) < 2 * groups or groups == 1
     )
     assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, 1), where
-    assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS else 112), where  # measured
+    masked_main_of_4 = config.main_groups == 4 and num_classes < 16  # C = 13-15: spills at 96
+    assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS and not masked_main_of_4 else 112), where  # measured
     assert tk.kernel_config(num_classes, positions_contiguous, extras=True) == config._replace(maxnreg=112)
 
 

@@ -458,9 +458,6 @@ def _row_loss(
             )  # fmt: skip
             b_d += d_tail
             b_zt += zt_tail
-        # the loss before the gradient's stores: m, d and z_t need not live through them (registers)
-        b_loss = _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C,
-                                HAS_CLASS_WEIGHT, HAS_POSITION_WEIGHT, HAS_SMOOTHING)  # fmt: skip
         if COMPUTE_GRAD:
             k_p, k_t, k_s = _grad_factors(b_cw, b_pw, m_valid, b_d, b_weight_sum, eps, C, denom_ptr,
                                           HAS_POSITION_WEIGHT, HAS_SMOOTHING, REDUCTION)  # fmt: skip
@@ -506,9 +503,21 @@ def _row_loss(
                     threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY, False, EVEN_S, COMPUTE_GRAD,
                     HAS_CLASS_WEIGHT, HAS_SMOOTHING,
                 )  # fmt: skip
-        b_loss = _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C,
-                                HAS_CLASS_WEIGHT, HAS_POSITION_WEIGHT, HAS_SMOOTHING)  # fmt: skip
-    return b_loss
+    return _position_loss(
+        b_m,
+        b_d,
+        b_zt,
+        b_smooth,
+        b_weight_sum,
+        b_cw,
+        b_pw,
+        m_valid,
+        eps,
+        C,
+        HAS_CLASS_WEIGHT,
+        HAS_POSITION_WEIGHT,
+        HAS_SMOOTHING,
+    )
 
 
 @triton.jit
@@ -651,7 +660,9 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 # Register caps: 128 for the two sweeps; for a row in one thread 96 (20 warps an SM) up to
 # LEAN_MAX_GROUPS groups without the extras (position weights, label smoothing, a loss per
 # position), else 112 (16 warps): 96 ran 6% faster on the card (below), but spills 8-32 B with the
-# extras from C = 13 and 8 B at 6 groups (C = 21 bf16, Triton 3.9). Uncapped, ptxas takes 80 at 19
+# extras from C = 13 and 8 B at 6 groups (C = 21 bf16, Triton 3.9); also 8 B at C = 13-15 (a main
+# block of 4 groups with masked classes) since the select of an ignored position's loss (fp32
+# under Triton 3.9, bf16 under 3.6), which takes 112. Uncapped, ptxas takes 80 at 19
 # classes, with fewer instructions, and ran slower still. With every extra at once the row in one
 # thread spills 8-16 B at 112 (8 B at 128) from C = 13. None for NCHW rows over warps, which take
 # <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread
@@ -709,8 +720,10 @@ def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: b
     position, which takes registers (a row in one thread gets the higher cap)."""
     groups = _cdiv(num_classes, 4)
     if groups <= ONE_THREAD_MAX_GROUPS:
-        cap = 96 if groups <= LEAN_MAX_GROUPS and not extras else 112
-        return KernelConfig(128, 4, *class_blocks(groups, 1), 0, cap)
+        main, tail = class_blocks(groups, 1)
+        # (a main block of 4 groups with masked classes, C = 13-15, spills 8 B at 96)
+        lean = groups <= LEAN_MAX_GROUPS and not extras and not (main == 4 and 4 * main > num_classes)
+        return KernelConfig(128, 4, main, tail, 0, 96 if lean else 112)
     if not positions_contiguous:
         return _contiguous_classes(groups)
     for warps in ROW_WARPS:
