@@ -503,21 +503,8 @@ def _row_loss(
                     threshold, CHUNK_GROUPS, BLOCK_P, CLAMP_MODE, POLY, False, EVEN_S, COMPUTE_GRAD,
                     HAS_CLASS_WEIGHT, HAS_SMOOTHING,
                 )  # fmt: skip
-    return _position_loss(
-        b_m,
-        b_d,
-        b_zt,
-        b_smooth,
-        b_weight_sum,
-        b_cw,
-        b_pw,
-        m_valid,
-        eps,
-        C,
-        HAS_CLASS_WEIGHT,
-        HAS_POSITION_WEIGHT,
-        HAS_SMOOTHING,
-    )
+    return _position_loss(b_m, b_d, b_zt, b_smooth, b_weight_sum, b_cw, b_pw, m_valid, eps, C, HAS_CLASS_WEIGHT,
+                          HAS_POSITION_WEIGHT, HAS_SMOOTHING)  # fmt: skip
 
 
 @triton.jit
