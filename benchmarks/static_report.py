@@ -1,6 +1,7 @@
 """Static performance report of the fused Triton backend: what its sm_90 code costs, on a CPU.
 
-    python -m benchmarks.static_report [--json] [--cases NAME,...] [--all-configs]
+    python -m benchmarks.static_report [--json] [--cases NAME,...]
+    python -m benchmarks.static_report --all-configs [--options SET|every] [--max-classes 12288] [--json]
 
 For each benchmark case (shape, dtype, layout) it plans the launches of one training step
 exactly as ``backends/triton_kernel.py`` does (on meta tensors: ``label_launch``,
@@ -37,7 +38,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -314,32 +315,67 @@ def case_report(case: Case, config: tk.KernelConfig | None = None) -> dict:
     }  # fmt: skip
 
 
-def config_rows(max_classes: int = 12288) -> list[dict]:
+# The options that take registers in the loss kernel, and the sets of them whose registers and
+# spills the report checks (ptxas is not monotonic: one option alone may spill where more do not)
+OPTIONS = ("class_weight", "clamp", "position_weight", "label_smoothing", "reduction_none")
+OPTION_SETS = {
+    "defaults": (), **{name: (name,) for name in OPTIONS},
+    "class_weight+clamp": ("class_weight", "clamp"),
+    "class_weight+label_smoothing": ("class_weight", "label_smoothing"),
+    "clamp+label_smoothing": ("clamp", "label_smoothing"),
+    "all but class_weight": OPTIONS[1:],
+    "all but label_smoothing": ("class_weight", "clamp", "position_weight", "reduction_none"),
+    "all": OPTIONS,
+}  # fmt: skip
+
+
+def with_options(problem: BLVProblem, options: tuple[str, ...]) -> BLVProblem:
+    """``problem`` (on the meta device) with ``options`` (names in OPTIONS) on."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; choose from {OPTIONS}")
+    meta = dict(dtype=torch.float32, device="meta")
+    change = dict(
+        class_weight=torch.empty(problem.num_classes, **meta), clamp=dict(mode="clamp"),
+        position_weight=torch.empty(problem.target.shape, **meta), label_smoothing=0.1,
+        reduction_none=dict(reduction="none"),
+    )  # fmt: skip
+    fields = {}
+    for name in options:
+        fields.update(change[name] if isinstance(change[name], dict) else {name: change[name]})
+    return replace(problem, **fields)
+
+
+def config_rows(max_classes: int = 12288, options: tuple[str, ...] = ()) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
     C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
-    NCHW, channels_last and rows (strided positions take more registers for their addresses);
-    the default options (no weights, no label smoothing, the mean)."""
+    NCHW, channels_last and rows (strided positions take more registers for their addresses),
+    with ``options`` (names in OPTIONS; none: no weights, no label smoothing, the mean)."""
 
     def case(layout: str, num_classes: int, dtype: torch.dtype) -> Case:
         return Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
 
+    def launch(layout: str, num_classes: int, dtype: torch.dtype) -> tk.Launch:
+        problem, scalar = meta_problem(case(layout, num_classes, dtype))
+        problem = with_options(problem, options)
+        return tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
+
     chosen = {}  # the first C of each kernel (configuration, partial chunk, full main block), per layout
     for layout in ("nchw", "channels_last", "rows"):
         for num_classes in range(1, max_classes + 1):
-            config = tk.kernel_config(num_classes, case(layout, num_classes, torch.float32).positions_contiguous)
-            partial = config.chunk_groups > 0 and num_classes % (4 * config.chunk_groups) != 0
-            main_full = 4 * config.main_groups <= num_classes
-            chosen.setdefault((layout, config, partial, main_full), num_classes)
+            planned = launch(layout, num_classes, torch.float32)
+            args = planned.args
+            config = tk.KernelConfig(args["BLOCK_P"], planned.num_warps, args["MAIN_GROUPS"], args["TAIL_GROUPS"],
+                                     args["CHUNK_GROUPS"], planned.maxnreg)  # fmt: skip
+            chosen.setdefault((layout, config, args["TAIL_CHUNK"], args["MAIN_FULL"]), num_classes)
     rows = []
     for (layout, config, partial, _), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
         for dtype in (torch.float32, torch.bfloat16):
-            problem, scalar = meta_problem(case(layout, num_classes, dtype))
-            launch = tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
-            compiled = compile_launch(launch)
+            compiled = compile_launch(launch(layout, num_classes, dtype))
             resources = sass.resource_usage(compiled.cubin)[compiled.name]
-            rows.append({"num_classes": num_classes, "config": config._asdict(), "partial_chunk": partial,
-                         "dtype": _TYPES[dtype], "layout": layout, "registers": resources.registers,
-                         "spill_bytes": resources.spill_bytes})  # fmt: skip
+            rows.append({"num_classes": num_classes, "options": list(options), "config": config._asdict(),
+                         "partial_chunk": partial, "dtype": _TYPES[dtype], "layout": layout,
+                         "registers": resources.registers, "spill_bytes": resources.spill_bytes})  # fmt: skip
     return rows
 
 
@@ -388,9 +424,19 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--all-configs",
         action="store_true",
-        help="instead: registers and spills of every loss-kernel configuration for C in [1, 12288]",
+        help="instead: registers and spills of every loss-kernel configuration for C in [1, --max-classes]",
+    )
+    parser.add_argument("--max-classes", type=int, default=12288, help="with --all-configs (default 12288)")
+    parser.add_argument(
+        "--options",
+        default="defaults",
+        help=f"with --all-configs: an option set, or 'every' (each in turn): {', '.join(OPTION_SETS)}",
     )
     args = parser.parse_args(argv)
+    if args.options != "every" and args.options not in OPTION_SETS:
+        parser.error(f"unknown option set {args.options!r}; choose from 'every', {', '.join(OPTION_SETS)}")
+    if args.max_classes < 1:
+        parser.error(f"--max-classes must be at least 1, got {args.max_classes}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
     for tool in ("nvdisasm", "cuobjdump"):
@@ -402,10 +448,12 @@ def main(argv=None) -> int:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
     with own_triton_cache():
         if args.all_configs:
-            rows = config_rows()
+            sets = OPTION_SETS.values() if args.options == "every" else [OPTION_SETS[args.options]]
+            rows = [row for options in sets for row in config_rows(args.max_classes, options)]
             print(json.dumps(rows, indent=1) if args.json else "\n".join(
-                f"C={r['num_classes']:5d} {r['dtype']} {r['layout']:5} {r['config']} partial={r['partial_chunk']}: "
-                f"{r['registers']} registers, {r['spill_bytes']} B spilled" for r in rows))  # fmt: skip
+                f"C={r['num_classes']:5d} {r['dtype']} {r['layout']:5} {'+'.join(r['options']) or 'defaults'} "
+                f"{r['config']} partial={r['partial_chunk']}: {r['registers']} registers, {r['spill_bytes']} B spilled"
+                for r in rows))  # fmt: skip
             return 1 if any(r["spill_bytes"] for r in rows) else 0
         reports = [case_report(CASES[n]) for n in names]
     print(json.dumps(reports, indent=1) if args.json else format_report(reports))

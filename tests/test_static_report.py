@@ -105,6 +105,15 @@ def test_every_configuration_compiles_without_spills():
     assert [r for r in rows if r["spill_bytes"] or r["registers"] > 128] == []
 
 
+def test_every_option_set_compiles_without_spills_where_a_row_is_in_one_thread():
+    # the register caps a row in one thread takes (kernel_config's pressure) were set by hand:
+    # each option set, up to ONE_THREAD_MAX_GROUPS groups (wider rows: RESULTS.md, run by hand)
+    rows = _report("--all-configs", "--options", "every", "--max-classes", str(4 * tk.ONE_THREAD_MAX_GROUPS))
+    assert {"+".join(r["options"]) for r in rows} == {"+".join(o) for o in static_report.OPTION_SETS.values()}
+    assert {r["config"]["maxnreg"] for r in rows} == {96, 128, None}
+    assert [r for r in rows if r["spill_bytes"]] == []
+
+
 def _loss_launch(case, config=None):
     problem, scalar = static_report.meta_problem(case)
     return tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar, config)

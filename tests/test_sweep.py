@@ -72,7 +72,7 @@ def test_every_candidate_matches_the_reference(case, rng, poisoned, monkeypatch)
                            compute_grad=True)  # fmt: skip
     for config in _distinct_blockings(case.shape[1], view.positions_contiguous):
         monkeypatch.setattr(
-            tk, "kernel_config", lambda num_classes, positions_contiguous=True, extras=False, config=config: config
+            tk, "kernel_config", lambda num_classes, positions_contiguous=True, pressure=0, config=config: config
         )
         check_matches_reference("triton", case, rng)
 

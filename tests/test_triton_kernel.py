@@ -5,7 +5,6 @@ The loss and gradient against the reference are in test_backends.py (the shared 
 compiled code's registers, spills and instruction budget in test_static_report.py.
 """
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -79,8 +78,10 @@ def _check_one_thread(num_classes, config, positions_contiguous):
     )
     assert (config.main_groups, config.tail_groups) == tk.class_blocks(groups, 1), where
     masked_main_of_4 = config.main_groups == 4 and num_classes < 16  # C = 13-15: spills at 96
-    assert config.maxnreg == (96 if groups <= tk.LEAN_MAX_GROUPS and not masked_main_of_4 else 112), where  # measured
-    assert tk.kernel_config(num_classes, positions_contiguous, extras=True) == config._replace(maxnreg=112)
+    for pressure, lean_groups in enumerate((5, 4, 0, 0)):  # measured (the static report's option sets)
+        lean = groups <= lean_groups and not masked_main_of_4
+        cap = 96 if lean else 128 if pressure < 3 else None
+        assert tk.kernel_config(num_classes, positions_contiguous, pressure) == config._replace(maxnreg=cap), where
 
 
 def _check_blocks(groups, config, spread, per_thread):
@@ -135,17 +136,22 @@ def test_kernel_config_with_contiguous_classes():
     assert lanes_seen == set(tk.ROW_LANES) and tk.ROW_LANES[-1] == 32 * tk.ROW_WARPS[-1]
 
 
-def test_the_loss_pass_takes_the_lean_register_cap_only_without_extras():
-    # 96 registers ran faster on the card, but spill with position weights, smoothing or "none"
+def test_register_pressure_of_the_options():
+    # the options' registers set the cap of a row in one thread (kernel_config)
     problem, scalar = static_report.meta_problem(static_report.Case((2, 19, 8, 8), torch.float32, "nchw"))
 
-    def cap(**change):
-        changed = dataclasses.replace(problem, **change)
-        return tk.loss_launch(changed, tk.Addressed.of(changed, compute_grad=True), scalar).maxnreg
+    def pressure(*options):
+        return tk.register_pressure(static_report.with_options(problem, options))
 
-    meta = dict(dtype=torch.float32, device="meta")
-    assert cap() == cap(class_weight=torch.empty(19, **meta)) == 96
-    assert cap(position_weight=torch.empty(2, 8, 8, **meta)) == cap(label_smoothing=0.1) == cap(reduction="none") == 112
+    assert pressure() == 0
+    assert pressure("class_weight") == pressure("clamp") == pressure("class_weight", "clamp") == 1
+    assert pressure("position_weight") == pressure("label_smoothing") == pressure("reduction_none") == 2
+    assert pressure("class_weight", "clamp", "position_weight", "reduction_none") == 2
+    assert pressure("class_weight", "label_smoothing") == pressure("clamp", "label_smoothing") == 3
+    assert pressure("reduction_none", "label_smoothing") == pressure(*static_report.OPTIONS) == 3
+    changed = static_report.with_options(problem, ("label_smoothing",))
+    assert tk.loss_launch(changed, tk.Addressed.of(changed, compute_grad=True), scalar).maxnreg == 128
+    assert tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar).maxnreg == 96
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -644,16 +644,23 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #   Registers: ptxas's own choice, at most 128 for at most 5 groups a lane, no spill under 3.6 or
 #   3.9 (the static report's --all-configs, default options); a cap of 128 spills 8 B at
 #   C = 125-128 bf16 (Triton 3.9), where ptxas alone takes 116.
-# Register caps: 128 for the two sweeps; for a row in one thread 96 (20 warps an SM) up to
-# LEAN_MAX_GROUPS groups without the extras (position weights, label smoothing, a loss per
-# position), else 112 (16 warps): 96 ran 6% faster on the card (below), but spills 8-32 B with the
-# extras from C = 13 and 8 B at 6 groups (C = 21 bf16, Triton 3.9); also 8 B at C = 13-15 (a main
-# block of 4 groups with masked classes) since the select of an ignored position's loss (fp32
-# under Triton 3.9, bf16 under 3.6), which takes 112. Uncapped, ptxas takes 80 at 19
-# classes, with fewer instructions, and ran slower still. With every extra at once the row in one
-# thread spills 8-16 B at 112 (8 B at 128) from C = 13. None for NCHW rows over warps, which take
-# <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and 161-192). 128 registers a thread
-# keep 16 warps per SM.
+# Register caps: 128 for the two sweeps. A row in one thread takes the registers its options
+# take (``register_pressure``: 0 the defaults; 1 class weights or mode "clamp"; 2 position
+# weights, a loss per position or label smoothing alone; 3 label smoothing with other options):
+#   96 (20 warps an SM) up to LEAN_MAX_GROUPS[pressure] groups (5, 4, -, -), but not at C = 13-15
+#     (a main block of 4 groups with masked classes): 96 ran 6% faster than 112 on the card
+#     (below). At 96, C = 13-15 spill 8 B with the defaults; C = 17-20 8 B with class weights or
+#     clamp (channels_last and rows); the extras 8-32 B from C = 13;
+#   else 128 (16 warps, as 112 for blocks of 4 warps; the card timed the two alike): 112 spilled
+#     8-16 B with label smoothing at C = 17-24;
+#   ptxas's own choice (72-156 registers) for label smoothing with other options, which spill
+#     8-16 B at 128 from C = 13 (8-64 B at 112). Uncapped, ptxas takes 80 at 19 classes with the
+#     defaults, with fewer instructions, and ran slower than at 96.
+#   No spill under 3.6 or 3.9 for any of the static report's option sets (OPTION_SETS) up to 24
+#   classes. Above, compiled by hand (RESULTS.md): the NCHW two sweeps with a partial chunk
+#   (C > 384 not a multiple of 8) spill 96-152 B at 128 with class weights and label smoothing
+#   (16 B uncapped, at 168 registers; none at 192, 8 warps an SM), left so until a card times it.
+# NCHW rows over warps take <= 128 uncapped (a cap of 128 spills 8-16 B at C = 65-80 and 161-192).
 # Measured on an H100 80GB HBM3 (2026-11-27, Triton 3.6; benchmarks/sweep.py: the step's kernels
 # replayed in a CUDA graph; benchmarks/RESULTS.md), ms:
 #   8 x 19 x 512 x 1024 fp32, 4 warps: cap 112 0.323, 96 0.304, 128 0.322, none (80) 0.358;
@@ -664,7 +671,7 @@ def _scale_kernel(grad_ptr, grad_output_ptr, numel, BLOCK: tl.constexpr):
 #     which backend="auto" takes there (backends.AUTO_ORDER_WIDE_ROWS); the row over lanes since
 #     was not timed.
 ONE_THREAD_MAX_GROUPS = 6
-LEAN_MAX_GROUPS = 5
+LEAN_MAX_GROUPS = (5, 4, 0, 0)  # by register_pressure
 SPREAD_MAX_GROUPS = 5
 ROW_WARPS = (2, 4, 8, 16)
 ROW_LANES = (2, 4, 8, 16, 32, 64, 128, 256, 512)  # contiguous classes: the lanes a row is spread over
@@ -698,19 +705,19 @@ def class_blocks(groups: int, spread: int) -> tuple[int, int]:
 
 
 @functools.cache
-def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: bool = False) -> KernelConfig:
+def kernel_config(num_classes: int, positions_contiguous: bool = True, pressure: int = 0) -> KernelConfig:
     """The loss kernel's blocks for C classes (see the table above): the row in registers, held by
     one thread up to ONE_THREAD_MAX_GROUPS groups of four; above, with contiguous positions (NCHW),
     spread over the fewest warps that leave a thread no more, else two sweeps over chunks of
     CHUNK_GROUPS groups, one position a thread; with contiguous classes, ``_contiguous_classes``.
-    ``extras``: the kernel reads position weights, smooths the labels or stores a loss per
-    position, which takes registers (a row in one thread gets the higher cap)."""
+    ``pressure``: the registers the options take (``register_pressure``), which set the register
+    cap of a row in one thread."""
     groups = _cdiv(num_classes, 4)
     if groups <= ONE_THREAD_MAX_GROUPS:
         main, tail = class_blocks(groups, 1)
-        # (a main block of 4 groups with masked classes, C = 13-15, spills 8 B at 96)
-        lean = groups <= LEAN_MAX_GROUPS and not extras and not (main == 4 and 4 * main > num_classes)
-        return KernelConfig(128, 4, main, tail, 0, 96 if lean else 112)
+        masked_main_of_4 = main == 4 and num_classes < 16  # C = 13-15: spills at 96
+        lean = groups <= LEAN_MAX_GROUPS[pressure] and not masked_main_of_4
+        return KernelConfig(128, 4, main, tail, 0, 96 if lean else 128 if pressure < 3 else None)
     if not positions_contiguous:
         return _contiguous_classes(groups)
     for warps in ROW_WARPS:
@@ -718,6 +725,18 @@ def kernel_config(num_classes: int, positions_contiguous: bool = True, extras: b
         if main + tail <= ONE_THREAD_MAX_GROUPS * warps:
             return KernelConfig(32, warps, main, tail, 0, None)
     return KernelConfig(128, 4, 0, 0, CHUNK_GROUPS, 128)
+
+
+def register_pressure(problem: BLVProblem) -> int:
+    """The registers the options take beyond the defaults', for ``kernel_config``'s caps (measured:
+    the static report's OPTION_SETS): 0 the defaults; 1 class weights or mode "clamp"; 2 position
+    weights, a loss per position or label smoothing, alone or with the former; 3 label smoothing
+    with any other option."""
+    weighted = problem.class_weight is not None or problem.mode == "clamp"
+    extras = problem.position_weight is not None or problem.reduction == "none"
+    if problem.label_smoothing > 0:
+        return 3 if weighted or extras else 2
+    return 2 if extras else int(weighted)
 
 
 def across_lanes(groups: int, lanes: int) -> KernelConfig:
@@ -833,8 +852,7 @@ def loss_launch(problem: BLVProblem, view: Addressed, denom: torch.Tensor | None
     ``grad_ptr`` are in ``args``."""
     s = view.strides
     if config is None:
-        extras = view.position_weight is not None or problem.label_smoothing > 0 or problem.reduction == "none"
-        config = kernel_config(problem.num_classes, view.positions_contiguous, extras)
+        config = kernel_config(problem.num_classes, view.positions_contiguous, register_pressure(problem))
     grid = (_cdiv(view.spatial, config.block_p), view.runs)
     device = view.logits.device
     grad_like_x = view.grad is None or all(s[f"stride_g{k}"] == s[f"stride_x{k}"] for k in "ncs")
