@@ -100,31 +100,35 @@ def _(*inputs):
 
 def _setup_context(ctx, inputs, output):
     a = _named(inputs)
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], a["target"] if a["reduction"] == "none" else None)
     # the gradient output has no gradient: without these autograd would pass a zero-filled one, a write of the logits' size
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.reduction, ctx.backend, ctx.compute_grad = a["reduction"], a["backend"], a["compute_grad"]
+    ctx.ignore_index = a["ignore_index"]
 
 
 def _scaled_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     """dL/dlogits = the forward's gradient times grad_output (per position for "none"), in place."""
     try:
-        (grad,) = ctx.saved_tensors
+        grad, target = ctx.saved_tensors
     except RuntimeError as err:  # the saved gradient was already scaled in place
         raise RuntimeError(
             "the fused BLV loss's backward already ran for this forward (it scales the forward's gradient in "
             "place): backward through it once, or use backend='reference' to backward twice"
         ) from err
+    if ctx.reduction == "none":
+        # an ignored position's gradient is 0 whatever its grad_output, as F.cross_entropy's: not 0 * inf = NaN
+        # (loss.sqrt() has an infinite derivative where the loss is 0)
+        grad_loss = torch.where(target != ctx.ignore_index, grad_loss, 0).unsqueeze(1)
     if type(grad) is not torch.Tensor:  # traced (torch.compile, opcheck): stay functional
-        scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
-        return (grad * scale.float()).to(grad.dtype)
+        return (grad * grad_loss.float()).to(grad.dtype)
     if torch.is_grad_enabled():
         raise RuntimeError(
             "double backward (create_graph=True) is not supported by the fused BLV backends: use backend='reference'"
         )
     if ctx.reduction == "none":
-        grad.mul_(grad_loss.unsqueeze(1))
+        grad.mul_(grad_loss)
     else:
         get_backend(ctx.backend).implementation().scale_grad_(grad, grad_loss.float())
         torch.autograd.graph.increment_version(grad)  # the kernel wrote it: a second backward must see that
@@ -172,8 +176,8 @@ class _EagerFusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, problem: BLVProblem, backend: str, compute_grad: bool) -> torch.Tensor:
         loss, grad = get_backend(backend).implementation().forward(problem, compute_grad=compute_grad)
-        ctx.save_for_backward(grad)
-        ctx.reduction, ctx.backend = problem.reduction, backend
+        ctx.save_for_backward(grad, problem.target if problem.reduction == "none" else None)
+        ctx.reduction, ctx.backend, ctx.ignore_index = problem.reduction, backend, problem.ignore_index
         return loss
 
     @staticmethod

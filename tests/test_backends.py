@@ -284,6 +284,27 @@ def test_non_finite_logits_at_ignored_positions_are_ignored(fused, shape, channe
     torch.testing.assert_close(plain[ignored.to(DEVICE)], torch.zeros(ignored.sum().item(), device=DEVICE))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_grad_output_at_an_ignored_position_is_ignored(fused, bad, rng):
+    # F.cross_entropy's gradient at an ignored position is 0 whatever its grad_output, as the
+    # reference's: loss.sqrt() of reduction "none" has an infinite derivative there (the loss is 0),
+    # and 0 * inf = NaN would poison every weight of the network.
+    x = torch.randn(3, 6, 4, 5, generator=rng)
+    target = torch.randint(0, 6, (3, 4, 5), generator=rng)
+    target.view(-1)[1::3] = 255
+    grad_out = torch.where(target == 255, bad, torch.randn(target.shape, generator=rng))
+    x, target, grad_out, counts = x.to(DEVICE), target.to(DEVICE), grad_out.to(DEVICE), [4, 9, 1, 7, 2, 5]
+    ours = _loss_grad(fused, x, target, counts, grad_out=grad_out, sigma=6.0, seed=4, ignore_index=255,
+                      reduction="none")  # fmt: skip
+    ref = _loss_grad("reference", x, target, counts, grad_out=grad_out, sigma=6.0, seed=4, ignore_index=255,
+                     reduction="none")  # fmt: skip
+    assert ours[1].movedim(1, -1)[target == 255].eq(0).all()
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-6)
+    plain = torch.randn(3, 6, 4, 5, device=DEVICE, requires_grad=True)
+    torch.nn.functional.cross_entropy(plain, target, ignore_index=255, reduction="none").sqrt().sum().backward()
+    assert plain.grad.movedim(1, -1)[target == 255].eq(0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("backend", [*FUSED, "reference"])

@@ -309,6 +309,30 @@ def test_compile_takes_a_changing_offset_and_ignore_index(backend, rng):
         torch.testing.assert_close(step(offset, ignore_index), loss(offset, ignore_index))
 
 
+def test_compiled_backward_ignores_the_grad_output_of_ignored_positions(rng):
+    # the traced backward (the op's autograd formula) as the eager one: an ignored position's
+    # gradient is 0 even where grad_output is inf (the derivative of sqrt at a loss of 0), for an
+    # ignore_index that has turned symbolic
+    skip_unless_runs("cpu")
+    torch._dynamo.reset()
+    counts = torch.randint(1, 10**5, (6,), generator=rng).tolist()
+    x, t = torch.randn(2, 6, 4, 4, generator=rng), torch.randint(0, 6, (2, 4, 4), generator=rng)
+
+    def loss(logits, ignore_index):
+        return blv_cross_entropy(logits, t, class_counts=counts, seed=5, ignore_index=ignore_index, reduction="none",
+                                 backend="cpu").sqrt().sum()  # fmt: skip
+
+    def grad(loss, ignore_index):
+        logits = x.clone().requires_grad_(True)
+        return torch.autograd.grad(loss(logits, ignore_index), logits)[0]
+
+    step = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for ignore_index in (2, 4):
+        compiled = grad(step, ignore_index)
+        assert compiled.movedim(1, -1)[t == ignore_index].eq(0).all() and compiled.isfinite().all()
+        torch.testing.assert_close(compiled, grad(loss, ignore_index))
+
+
 @pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_functional_form_compiles_with_a_changing_sigma(backend, dynamic, rng):
