@@ -87,19 +87,23 @@ def check_class_vector(name: str, vec: torch.Tensor | None, logits: torch.Tensor
     check_constant(name, vec)
 
 
-def check_position_weight(position_weight: torch.Tensor | None, target: torch.Tensor) -> None:
+def check_position_weight(
+    position_weight: torch.Tensor | None, target: torch.Tensor, name: str = "position_weight"
+) -> None:
+    """Per-position weights: a constant float tensor of the target's shape, on its device; ``name``: the
+    argument's name where the caller knows it by another (the mmseg adapter's ``weight``)."""
     if position_weight is None:
         return
     if not isinstance(position_weight, torch.Tensor) or not position_weight.dtype.is_floating_point:
-        raise TypeError("position_weight must be a floating-point tensor with the target's shape")
-    check_dense("position_weight", position_weight)
+        raise TypeError(f"{name} must be a floating-point tensor with the target's shape")
+    check_dense(name, position_weight)
     if position_weight.shape != target.shape:
         raise ValueError(
-            f"position_weight shape {tuple(position_weight.shape)} does not match target shape {tuple(target.shape)}"
+            f"{name} shape {tuple(position_weight.shape)} does not match target shape {tuple(target.shape)}"
         )
     if position_weight.device != target.device:
-        raise ValueError(f"position_weight is on {position_weight.device} but target is on {target.device}")
-    check_constant("position_weight", position_weight)
+        raise ValueError(f"{name} is on {position_weight.device} but target is on {target.device}")
+    check_constant(name, position_weight)
 
 
 def check_avg_factor(avg_factor, reduction: str) -> None:

@@ -228,6 +228,26 @@ def test_equals_mmseg_cross_entropy_of_perturbed_logits(rng, mmseg_cross_entropy
     torch.testing.assert_close(loss_fn(logits, label, weight, ignore_index=IGNORE), ref)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "position-weight"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_logits_give_mmseg_cross_entropys_dtype(rng, mmseg_cross_entropy, dtype, weighted, reduction):
+    # outside autocast mmseg's loss is the logits' dtype, float32 once multiplied by a position
+    # weight (loss * weight.float()); the values within a few roundings of that dtype (mmseg rounds
+    # each position's loss, the adapter only the result)
+    logits, label, counts = _batch(rng)
+    logits = logits.to(dtype)
+    weight = torch.rand(label.shape, generator=rng) if weighted else None
+    ref = mmseg_cross_entropy(logits, label, weight, reduction=reduction, ignore_index=IGNORE)
+    assert ref.dtype == (torch.float32 if weighted else dtype)
+    loss_fn = MMSegBLVLoss(counts, sigma=0.0, reduction=reduction, backend="cpu")
+    eps = torch.finfo(dtype).eps  # two roundings of half an ulp each, at most
+    for mode in ("train", "eval"):
+        loss = getattr(loss_fn, mode)()(logits, label, weight, ignore_index=IGNORE)
+        assert loss.dtype == ref.dtype, mode
+        torch.testing.assert_close(loss.float(), ref.float(), rtol=eps, atol=eps, msg=mode)
+
+
 @pytest.mark.parametrize("ignore_index", [0, 3, -1, -5])
 @pytest.mark.parametrize("avg_non_ignore", [False, True], ids=["all", "non-ignored"])
 def test_class_weight_with_an_ignore_index_among_the_classes_equals_mmseg(rng, mmseg_cross_entropy, ignore_index,
@@ -461,6 +481,17 @@ def test_bad_arguments(kwargs, error, match):
             TypeError,
             "weight (per position) must be a tensor of real numbers, got torch.complex64",
         ),  # fmt: skip
+        (
+            dict(weight=torch.ones(2, 1, 6, requires_grad=True)),
+            ValueError,
+            "weight requires grad, but BLV treats it as a constant on every backend",
+        ),  # fmt: skip
+        (
+            dict(weight=torch.ones(2, 4, 6).to_sparse()),
+            TypeError,
+            "weight must be a dense (strided) tensor, got a sparse_coo one",
+        ),  # fmt: skip
+        (dict(weight=torch.ones(2, 4, 6, device="meta")), ValueError, "weight is on meta but target is on cpu"),
         (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
         (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
     ],

@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import REDUCTIONS, check_logits_target, check_options, check_reduction, real
+from .._validation import (
+    REDUCTIONS,
+    check_dense,
+    check_logits_target,
+    check_options,
+    check_position_weight,
+    check_reduction,
+    real,
+)
 from ..loss import BLVLoss, blv_cross_entropy_from_weights
 from .dataset_counts import load_counts, read_json
 
@@ -136,6 +144,7 @@ class MMSegBLVLoss(BLVLoss):
             if not isinstance(weight, torch.Tensor) or weight.dtype.is_complex:
                 got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
                 raise TypeError(f"weight (per position) must be a tensor of real numbers, got {got}")
+            check_dense("weight", weight)
             try:  # broadcast to the labels' shape, as mmseg's loss * weight does: a view, no copy
                 weight = weight.float().expand_as(label)
             except RuntimeError:
@@ -143,6 +152,7 @@ class MMSegBLVLoss(BLVLoss):
                     f"weight (per position) of shape {tuple(weight.shape)} does not broadcast to the labels' shape "
                     f"{tuple(label.shape)}"
                 ) from None
+            check_position_weight(weight, label, name="weight")  # here, so that its errors name it as the caller does
         options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
                        position_weight=weight, avg_factor=avg_factor)  # fmt: skip
         if self.training:
@@ -152,6 +162,8 @@ class MMSegBLVLoss(BLVLoss):
             )  # fmt: skip
         else:
             loss = self._plain_loss(cls_score, label, **options)
+        if weight is not None:  # mmseg's loss * weight.float(): float32 for half logits outside autocast too
+            loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
         return self.loss_weight * loss
 
     def _default_avg_factor(self, label: torch.Tensor, ignore_index: int):
