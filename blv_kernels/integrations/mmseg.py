@@ -19,6 +19,8 @@ The reductions are those of mmseg's ``CrossEntropyLoss`` (``cross_entropy`` and
     sum:   loss_weight * sum(l * weight)
     none:  loss_weight * l * weight, ignored positions 0
 
+(float32 with a ``weight``, as mmseg's ``loss * weight.float()``, else the loss's dtype)
+
 where ``l`` is the per-position loss, multiplied by ``class_weight[target]``. mmseg 1.x
 fails (IndexError) when class weights meet an ignored label outside [-C, C), such as 255;
 counting such a position as 1 is our choice, so that all-ones class weights equal none.
