@@ -355,23 +355,22 @@ def config_rows(max_classes: int = 12288, options: tuple[str, ...] = ()) -> list
     def case(layout: str, num_classes: int, dtype: torch.dtype) -> Case:
         return Case((8192, num_classes) if layout == "rows" else (2, num_classes, 64, 64), dtype, layout)
 
-    def launch(layout: str, num_classes: int, dtype: torch.dtype) -> tk.Launch:
+    def launch(layout: str, num_classes: int, dtype: torch.dtype) -> tuple[tk.KernelConfig, tk.Launch]:
         problem, scalar = meta_problem(case(layout, num_classes, dtype))
         problem = with_options(problem, options)
-        return tk.loss_launch(problem, tk.Addressed.of(problem, compute_grad=True), scalar)
+        view = tk.Addressed.of(problem, compute_grad=True)
+        config = tk.kernel_config(num_classes, view.positions_contiguous, tk.register_pressure(problem))
+        return config, tk.loss_launch(problem, view, scalar, config)
 
     chosen = {}  # the first C of each kernel (configuration, partial chunk, full main block), per layout
     for layout in ("nchw", "channels_last", "rows"):
         for num_classes in range(1, max_classes + 1):
-            planned = launch(layout, num_classes, torch.float32)
-            args = planned.args
-            config = tk.KernelConfig(args["BLOCK_P"], planned.num_warps, args["MAIN_GROUPS"], args["TAIL_GROUPS"],
-                                     args["CHUNK_GROUPS"], planned.maxnreg)  # fmt: skip
-            chosen.setdefault((layout, config, args["TAIL_CHUNK"], args["MAIN_FULL"]), num_classes)
+            config, planned = launch(layout, num_classes, torch.float32)
+            chosen.setdefault((layout, config, planned.args["TAIL_CHUNK"], planned.args["MAIN_FULL"]), num_classes)
     rows = []
     for (layout, config, partial, _), num_classes in sorted(chosen.items(), key=lambda item: item[1]):
         for dtype in (torch.float32, torch.bfloat16):
-            compiled = compile_launch(launch(layout, num_classes, dtype))
+            compiled = compile_launch(launch(layout, num_classes, dtype)[1])
             resources = sass.resource_usage(compiled.cubin)[compiled.name]
             rows.append({"num_classes": num_classes, "options": list(options), "config": config._asdict(),
                          "partial_chunk": partial, "dtype": _TYPES[dtype], "layout": layout,
