@@ -305,6 +305,19 @@ def test_a_non_finite_grad_output_at_an_ignored_position_is_ignored(fused, bad, 
     assert plain.grad.movedim(1, -1)[target == 255].eq(0).all()
 
 
+def test_uint8_labels_beside_ignore_index_minus_100_keep_their_gradient(fused, rng):
+    # -100 is 156 as a uint8: a class of COCO-Stuff's 171, which F.cross_entropy (and every backend)
+    # counts; no step of the loss or its backward may compare the labels in their own dtype
+    x = torch.randn(5, 171, generator=rng).to(DEVICE)
+    target = torch.tensor([156, 3, 170, 156, 0], dtype=torch.uint8).to(DEVICE)
+    grad_out = torch.rand(5, generator=rng).to(DEVICE) + 0.5
+    counts = list(range(1, 172))
+    ours = _loss_grad(fused, x, target, counts, grad_out=grad_out, sigma=6.0, seed=6, reduction="none")
+    ref = _loss_grad("reference", x, target, counts, grad_out=grad_out, sigma=6.0, seed=6, reduction="none")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    assert ours[1][0].abs().sum() > 1  # the row of label 156 has p_t - 1 at its label
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("backend", [*FUSED, "reference"])
