@@ -305,6 +305,25 @@ def test_a_non_finite_grad_output_at_an_ignored_position_is_ignored(fused, bad, 
     assert plain.grad.movedim(1, -1)[target == 255].eq(0).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 3), (6, 40)], ids=["NCHW", "rows-C40"])
+@pytest.mark.parametrize("weights", ["inf", "overflowing-sum"])
+def test_class_weights_of_classes_no_label_has_change_nothing_without_smoothing(fused, shape, weights, rng):
+    # F.cross_entropy reads cw_t of the labels only: an infinite weight of another class, or weights
+    # whose sum overflows float32, leave the loss and gradient finite (W = sum cw_c enters only
+    # with label smoothing; the CPU kernel multiplied it by 0: NaN)
+    x = torch.randn(shape, generator=rng).to(DEVICE)
+    target = torch.randint(0, 3, shape[:1] + shape[2:], generator=rng).to(DEVICE)  # classes 3 and up: no label
+    big = float("inf") if weights == "inf" else 2e38
+    weight = torch.tensor([1.0, 2.0, 0.5] + [big] * (shape[1] - 3)).to(DEVICE)
+    counts = list(range(1, shape[1] + 1))
+    ours = _loss_grad(fused, x, target, counts, weight=weight, sigma=0.0)
+    plain = x.detach().clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(plain, target, weight)
+    loss.backward()
+    assert ours[1].isfinite().all()
+    torch.testing.assert_close(ours, (loss, plain.grad), rtol=1e-5, atol=1e-6)
+
+
 def test_uint8_labels_beside_ignore_index_minus_100_keep_their_gradient(fused, rng):
     # -100 is 156 as a uint8: a class of COCO-Stuff's 171, which F.cross_entropy (and every backend)
     # counts; no step of the loss or its backward may compare the labels in their own dtype

@@ -209,6 +209,9 @@ int64_t loss_block_positions(int64_t classes) {
 struct LossCall {
   BlvProblem pr;
   const float* class_weights;  // cw_c: the problem's, or ones
+  // cw_c of the gradient's smoothing term b cw_c and of W: class_weights with label smoothing, else
+  // ones (b = 0 then, and 0 * an infinite weight, even of a class no label has, would be NaN)
+  const float* smoothing_weights;
   bool rows;                   // the rows path (else tiles)
   float* loss_sums;
   void* loss_per_position;  // "none" only, in the problem's loss_dtype
@@ -221,7 +224,7 @@ struct LossCall {
   float denom;             // "mean": the divisor; else 1
   float keep;              // 1 - eps
   float smoothing;         // eps / C (0 without label smoothing)
-  float weight_sum;        // W = sum_c cw_c
+  float weight_sum;        // W = sum_c cw_c (of smoothing_weights)
 };
 
 // Philox words of class group g for a tile's positions: words[k][j] is word k of position j
@@ -409,7 +412,7 @@ float loss_tile(const LossCall& k, int64_t p0, int count, float* __restrict z) {
   T* __restrict grad = static_cast<T*>(k.grad);
   for (int64_t c = 0; c < C; ++c) {
     const float* __restrict e_c = z + c * TILE;
-    const float cw = k.class_weights[c];
+    const float cw = k.smoothing_weights[c];
     const int32_t c32 = static_cast<int32_t>(c);
     for (int j = 0; j < TILE; ++j) {
       const float g = a[j] * e_c[j] - b[j] * cw - (tile.label[j] == c32 ? target_term[j] : 0.0f);
@@ -506,7 +509,7 @@ float loss_row(const LossCall& k, int64_t p, float* __restrict scratch) {
     const float a = per_denom * (k.keep * weight_t + k.smoothing * k.weight_sum) / d;
     const float b = per_denom * k.smoothing, target_term = per_denom * k.keep * weight_t;
     for_classes(C, [&](int64_t c, int) {
-      grad[c] = D::store(a * z[c] - b * class_weights[c] - (c == t ? target_term : 0.0f));
+      grad[c] = D::store(a * z[c] - b * k.smoothing_weights[c] - (c == t ? target_term : 0.0f));
     });
   }
   return l * position_weight;
@@ -641,10 +644,11 @@ extern "C" int blv_loss_pass(const BlvProblem* problem, const float* denom, void
   k.keep = 1.0f - eps;
   k.smoothing = eps / static_cast<float>(k.pr.C);
   std::vector<float> ones;
-  if (k.pr.class_weight == nullptr) ones.assign(static_cast<size_t>(k.pr.C), 1.0f);
+  if (k.pr.class_weight == nullptr || eps == 0.0f) ones.assign(static_cast<size_t>(k.pr.C), 1.0f);
   k.class_weights = k.pr.class_weight != nullptr ? k.pr.class_weight : ones.data();
+  k.smoothing_weights = eps > 0.0f ? k.class_weights : ones.data();
   k.weight_sum = 0.0f;
-  for (int64_t c = 0; c < k.pr.C; ++c) k.weight_sum += k.class_weights[c];
+  for (int64_t c = 0; c < k.pr.C; ++c) k.weight_sum += k.smoothing_weights[c];
   k.rows = k.pr.stride_xc == 1 && (grad == nullptr || stride_gc == 1) && k.pr.C >= kRowsMinClasses;
 
   const int kind = blv::variation_kind(k.scale, k.threshold);
