@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 
 import torch
 
@@ -15,6 +16,7 @@ LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of ignore_index: labels are compared in int64
 FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a divisor below it is 0 or subnormal
 
 
 def check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -121,12 +123,21 @@ def check_avg_factor(avg_factor, reduction: str) -> None:
             )
         check_dense("avg_factor", avg_factor)
         check_constant("avg_factor", avg_factor)
+        # a CPU tensor's value is read as a number's (no device to sync); on a GPU it is data, unchecked
+        if avg_factor.device.type == "cpu" and type(avg_factor) is torch.Tensor and not torch.compiler.is_compiling():
+            _check_avg_factor_value(avg_factor.item())
     elif isinstance(avg_factor, bool) or not isinstance(avg_factor, numbers.Real):
         raise TypeError(f"avg_factor must be a number or a one-element tensor, got {type(avg_factor).__name__}")
-    elif not torch.compiler.is_compiling() and not 0 < avg_factor <= FLOAT32_MAX:  # (NaN fails; any int compares)
+    elif not torch.compiler.is_compiling():
         # (not while torch.compile traces: there a number may be symbolic, and a branch on it would break the graph)
+        _check_avg_factor_value(avg_factor)
+
+
+def _check_avg_factor_value(avg_factor) -> None:
+    if not FLOAT32_TINY <= avg_factor <= FLOAT32_MAX:  # (NaN fails; any int compares)
         raise ValueError(
-            f"avg_factor must be a finite number > 0 within float32's range (the divisor of the sum), got {avg_factor!r}"
+            f"avg_factor must be a finite number > 0 within float32's range (the divisor of the sum), got "
+            f"{reprlib.repr(avg_factor)}"
         )
 
 
@@ -149,8 +160,12 @@ def check_options(*, ignore_index, label_smoothing, mode=_NOT_GIVEN, reduction=_
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not INT64_MIN <= int(ignore_index) <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
-            or not 0.0 <= float(label_smoothing) <= 1.0):  # fmt: skip
+    # (compared as given, not through float(), which overflows for an int such as 10**400)
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, numbers.Real)
+        or not 0 <= label_smoothing <= 1
+    ):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if mode is not _NOT_GIVEN:
         check_mode(mode)
@@ -203,7 +218,10 @@ def real(name: str, value, *, minimum: float | None = None, maximum: float | Non
     """``value`` as a finite float (Python or numpy number; not a bool) in [minimum, maximum] or [minimum, below)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64
+        number = math.inf if value > 0 else -math.inf
     inside = -math.inf < number < math.inf  # math.isfinite, which torch.compile(dynamic=True) cannot trace
     inside &= minimum is None or number >= minimum
     inside &= maximum is None or number <= maximum
@@ -213,5 +231,5 @@ def real(name: str, value, *, minimum: float | None = None, maximum: float | Non
         bounds += [] if maximum is None else [f"<= {maximum}"]
         bounds += [] if below is None else [f"< {below}"]
         within = f" {' and '.join(bounds)}" if bounds else ""
-        raise ValueError(f"{name} must be a finite number{within}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{within}, got {reprlib.repr(value)}")
     return number

@@ -12,7 +12,7 @@ from torch import nn
 from . import noise, ops, reference
 from ._validation import (
     check_class_vector,
-    check_constant,
+    check_dense,
     check_logits_target,
     check_loss_arguments,
     check_options,
@@ -20,7 +20,7 @@ from ._validation import (
 )
 from .backends import get_backend, resolve_backend
 from .problem import BLVProblem, loss_dtype
-from .weights import class_weights
+from .weights import class_weight_tensor, class_weights
 
 __all__ = ["blv_cross_entropy", "blv_cross_entropy_from_weights", "plain_cross_entropy", "BLVLoss", "draw_seed"]
 
@@ -144,6 +144,11 @@ def blv_cross_entropy_from_weights(
         if not isinstance(variation, torch.Tensor) or variation.shape != logits.shape:
             shape = tuple(variation.shape) if isinstance(variation, torch.Tensor) else type(variation).__name__
             raise ValueError(f"variation shape {shape} does not match logits shape {tuple(logits.shape)}")
+        check_dense("variation", variation)
+        if not variation.dtype.is_floating_point:  # (a complex one would lose its imaginary part)
+            raise TypeError(f"variation must be a floating-point tensor, got {variation.dtype}")
+        if variation.device != logits.device:
+            raise ValueError(f"variation is on {variation.device} but logits are on {logits.device}")
     device = logits.device
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -216,20 +221,7 @@ class BLVLoss(nn.Module):
             get_backend(backend)  # an unknown name fails here, not at the first step
         variation_weight = class_weights(class_counts, smoothing=smoothing)
         if weight is not None:
-            if isinstance(weight, torch.Tensor):
-                check_constant("weight", weight)  # here, not at every step
-                if weight.dtype.is_complex:
-                    raise TypeError(f"weight must be real numbers, got a {weight.dtype} tensor")
-            try:
-                weight = torch.as_tensor(weight, dtype=torch.float32)
-            except OverflowError:  # (an int beyond float64)
-                raise ValueError(f"weight must be finite in float32, got {weight!r}") from None
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError(
-                    f"weight must be a tensor or a list of numbers, one per class, got {weight!r}"
-                ) from None
-            if not torch.isfinite(weight).all():  # (once, here: a weight of 1e300 became inf in float32)
-                raise ValueError(f"weight must be finite in float32, got {weight.tolist()}")
+            weight = class_weight_tensor(weight, "weight")
             if weight.shape != variation_weight.shape:
                 raise ValueError(
                     f"weight must have one entry per class ({variation_weight.numel()}), got shape {tuple(weight.shape)}"

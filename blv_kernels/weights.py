@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ._validation import check_holds_values, real
+from ._validation import check_constant, check_dense, check_holds_values, real
 
-__all__ = ["class_weights"]
+__all__ = ["class_weights", "class_weight_tensor"]
 
 
 def _counts_as_float64(class_counts) -> torch.Tensor:
@@ -26,6 +26,7 @@ def _counts_as_float64(class_counts) -> torch.Tensor:
     if isinstance(class_counts, torch.Tensor):
         if class_counts.dtype.is_complex or class_counts.dtype == torch.bool:
             raise TypeError(f"class_counts must be real numbers, got a {class_counts.dtype} tensor")
+        check_dense("class_counts", class_counts)
         check_holds_values("class_counts", class_counts, "counts")
         counts = class_counts.detach().to(device="cpu", dtype=torch.float64)
     elif isinstance(class_counts, (Sequence, np.ndarray)) and not isinstance(class_counts, (str, bytes)):
@@ -78,6 +79,8 @@ def class_weights(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
     """
     smoothing = real("smoothing", smoothing, minimum=0.0)
     counts = _counts_as_float64(class_counts) + smoothing
+    _require(torch.isfinite(counts).all(), lambda: f"class_counts + smoothing must be finite in float64, got "
+             f"{reprlib.repr(counts.tolist())}")  # fmt: skip
     _require((counts > 0).all(), lambda: (
         f"class_counts has zero count for class(es) {torch.nonzero(counts == 0).flatten().tolist()}: log(0) makes "
         "their weight infinite; pass smoothing > 0 (for example smoothing=1.0) or fix the counts"))  # fmt: skip
@@ -87,3 +90,35 @@ def class_weights(class_counts, *, smoothing: float = 0.0) -> torch.Tensor:
     freq = (torch.logsumexp(log_counts, 0) - log_counts).clamp_min(0.0)
     fmax = freq.max()
     return torch.where(fmax > 0, freq / fmax.clamp_min(torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+
+def class_weight_tensor(weight, name: str = "weight") -> torch.Tensor:
+    """``F.cross_entropy``'s per-class ``weight``, given as a tensor (on any device), a numpy array or a
+    list of numbers, as the 1-D float32 tensor of finite values the kernels read; or an error naming
+    ``name``. Checked once, where a loss is built, not at every step (the check reads the values)."""
+    if isinstance(weight, torch.Tensor):
+        check_dense(name, weight)
+        check_holds_values(name, weight)
+        check_constant(name, weight)
+        if weight.dtype.is_complex or weight.dtype == torch.bool:
+            raise TypeError(f"{name} must be real numbers, got a {weight.dtype} tensor")
+        converted = weight.float()
+    else:
+        # (a float conversion would drop an imaginary part with a warning, or take booleans as numbers)
+        if isinstance(weight, np.ndarray) and weight.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be real numbers, got a {weight.dtype} array")
+        if isinstance(weight, Sequence) and any(isinstance(w, (bool, np.bool_)) for w in weight):
+            raise TypeError(f"{name} must be numbers, not booleans: got {reprlib.repr(weight)}")
+        try:
+            converted = torch.as_tensor(np.asarray(weight, dtype=np.float64), dtype=torch.float32)
+        except OverflowError:  # an int beyond float64
+            raise ValueError(f"{name} must be finite in float32, got {reprlib.repr(weight)}") from None
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{name} must be a tensor or a list of numbers, one per class, got {reprlib.repr(weight)}"
+            ) from None
+    if converted.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D list of numbers, one per class, got shape {tuple(converted.shape)}")
+    if not torch.isfinite(converted).all():  # (1e300 becomes inf in float32)
+        raise ValueError(f"{name} must be finite in float32, got {reprlib.repr(converted.tolist())}")
+    return converted

@@ -413,7 +413,9 @@ def test_class_weight_from_a_file_as_mmseg_reads_it(rng, tmp_path, mmseg_get_cla
 
 def test_bad_class_weights(tmp_path):
     (tmp_path / "w.json").write_text(json.dumps({"road": 1.0}))
-    with pytest.raises(ValueError, match="class_weight must be"):
+    with pytest.raises(
+        TypeError, match="^class_weight must be a tensor or a list of numbers, one per class, got {'road'"
+    ):
         MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "w.json"))
     with pytest.raises(ValueError, match="finite"):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, float("nan"), 1.0])
@@ -455,6 +457,10 @@ def test_numpy_scalar_arguments(rng):
         (dict(loss_weight=float("inf")), ValueError, "loss_weight must be a finite number"),
         (dict(loss_weight="1"), TypeError, "loss_weight must be a number"),
         (dict(avg_non_ignore="yes"), TypeError, "avg_non_ignore must be True or False"),
+        (dict(loss_weight=10**400), ValueError, "loss_weight must be a finite number, got 1000"),  # (an OverflowError)
+        (dict(class_weight=[True, False, True]), TypeError, "class_weight must be numbers, not booleans"),
+        (dict(class_weight=[1, 10**400, 1]), ValueError, "class_weight must be finite in float32"),
+        (dict(class_weight=torch.ones(3).to_sparse()), TypeError, "class_weight must be a dense .strided. tensor"),
         (dict(smoothing=-1.0), ValueError, "smoothing must be a finite number >= 0"),
     ],
 )
@@ -492,6 +498,7 @@ def test_bad_arguments(kwargs, error, match):
             "weight must be a dense (strided) tensor, got a sparse_coo one",
         ),  # fmt: skip
         (dict(weight=torch.ones(2, 4, 6, device="meta")), ValueError, "weight is on meta but target is on cpu"),
+        (dict(avg_factor=10**400), ValueError, "avg_factor must be a finite number >= 0.0, got 1000"),
         (dict(ignore_index="255"), TypeError, "ignore_index must be an int, got str"),
         (dict(label=[0, 1]), TypeError, "logits and target must be tensors"),
     ],
@@ -502,6 +509,15 @@ def test_bad_call_arguments_get_the_loss_messages(rng, call, error, match, class
     loss_fn = MMSegBLVLoss(counts, class_weight=class_weight)
     with pytest.raises(error, match=f"^{re.escape(match)}"):
         loss_fn(**{"cls_score": logits, "label": label, **call})
+
+
+def test_logits_on_another_device_than_the_class_weights_are_named(rng):
+    # the divisor reads the class weights before the loss checks its arguments: it failed in torch's words
+    # (meta stands for a GPU here)
+    logits, label, counts = _batch(rng)
+    loss_fn = MMSegBLVLoss(counts, class_weight=[1.0, 2.0, 0.5, 1.0, 1.0])
+    with pytest.raises(ValueError, match="^class_weight is on cpu but logits are on meta$"):
+        loss_fn(logits.to("meta"), label.to("meta"))
 
 
 def test_importing_the_package_needs_no_mmseg():

@@ -198,6 +198,25 @@ def test_bad_call_arguments_named(rng):
         blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, generator=5)
 
 
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda x: x[:1], ValueError, r"variation shape \(1, .*\) does not match logits shape"),
+        (lambda x: x.to(torch.complex64), TypeError, "variation must be a floating-point tensor, got torch.complex64"),
+        (lambda x: x.to(torch.int32), TypeError, "variation must be a floating-point tensor, got torch.int32"),
+        (lambda x: x.to("meta"), ValueError, "variation is on meta but logits are on cpu"),
+        (lambda x: x.to_sparse(), TypeError, "variation must be a dense .strided. tensor, got a sparse_coo one"),
+    ],
+    ids=["shape", "complex", "int", "device", "sparse"],
+)  # fmt: skip
+def test_bad_explicit_variation_is_named(make, error, match, rng):
+    # (a complex one lost its imaginary part; one on another device failed in torch's words)
+    logits, target, counts = _batch(rng)
+    with pytest.raises(error, match=f"^{match}"):
+        blv_cross_entropy(logits, target, class_counts=counts, ignore_index=255, variation=make(torch.rand_like(logits)),
+                          backend="reference")  # fmt: skip
+
+
 # ------------------------------------------------------------------ hardening: one rule for every backend
 
 ALL_BACKENDS = ["reference", *FUSED]

@@ -59,6 +59,11 @@ def _args(**changes):
         (dict(avg_factor=np.float64("inf")), ValueError, r"avg_factor must be a finite number > 0"),
         (dict(avg_factor=1e300), ValueError, r"avg_factor must be a finite number > 0 within float32's range"),
         (dict(avg_factor=10**400), ValueError, r"avg_factor must be a finite number > 0 within float32"),
+        (dict(avg_factor=1e-50), ValueError, r"avg_factor must be a finite number > 0 within float32"),  # 0 in float32
+        # a CPU tensor's value is checked as a number's (it was divided by as it came: a loss of inf, < 0 or 0)
+        (dict(avg_factor=torch.tensor(0.0)), ValueError, r"avg_factor must be a finite number > 0 .*, got 0.0"),
+        (dict(avg_factor=torch.tensor([-8])), ValueError, r"avg_factor must be a finite number > 0 .*, got -8"),
+        (dict(avg_factor=torch.tensor(1e300, dtype=torch.float64)), ValueError, r"float32's range .*, got 1e\+300"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
@@ -80,6 +85,7 @@ def test_good_arguments_pass():
         (dict(ignore_index=2**70, label_smoothing=0.0), ValueError, "fit in int64"),
         (dict(ignore_index=-100, label_smoothing=1.5), ValueError, r"label_smoothing must be a number in \[0, 1\]"),
         (dict(ignore_index=-100, label_smoothing="0.1"), ValueError, "label_smoothing"),
+        (dict(ignore_index=-100, label_smoothing=10**400), ValueError, "label_smoothing must be a number in"),
         (dict(ignore_index=-100, label_smoothing=0.0, mode="normal"), ValueError, "mode must be one of"),
         (dict(ignore_index=-100, label_smoothing=0.0, reduction="avg"), ValueError, "reduction must be one of"),
         # None is a value like any other (it once meant "not given": the fused backends then ran mode="abs")
@@ -102,3 +108,11 @@ def test_bad_labels_raise_with_the_first_one_on_the_cpu(dtype, rng):
         v.check_target_values(target.to(dtype), 5, ignore_index=255)
     # uint8 compared in int64: 255 - 256 would wrap around otherwise
     assert v.invalid_target_mask(torch.tensor([255, 4, 5]), 5, -100).tolist() == [True, False, True]
+
+
+def test_real_numbers_beyond_float64_are_out_of_range_not_an_overflow():
+    # float(10**400) raises OverflowError: the argument's own ValueError instead, its value abbreviated
+    for value in (10**400, -(10**400)):
+        with pytest.raises(ValueError, match=r"^loss_weight must be a finite number, got -?1000.*\.\.\..*0$"):
+            v.real("loss_weight", value)
+    assert v.real("x", np.float32(0.5), minimum=0.0, below=1.0) == 0.5

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from blv_kernels import class_weights
+from blv_kernels.weights import class_weight_tensor
 
 
 def test_formula_on_random_counts(rng):
@@ -70,6 +71,7 @@ def test_degenerate_priors(counts, expected):
         (np.array([1 + 1j, 2]), TypeError, "real numbers, got a numpy complex128 array"),
         (np.array([1, 2], dtype="datetime64[D]"), TypeError, "real numbers, got a numpy datetime64"),  # (taken)
         (torch.ones(5, device="meta"), ValueError, "class_counts is a meta tensor: it holds no counts"),
+        (torch.ones(5).to_sparse(), TypeError, "class_counts must be a dense .strided. tensor, got a sparse_coo one"),
     ],
     ids=[
         "negative",
@@ -87,6 +89,7 @@ def test_degenerate_priors(counts, expected):
         "complex-array",
         "datetime-array",
         "meta-tensor",
+        "sparse-tensor",
     ],
 )
 def test_bad_counts(counts, error, match):
@@ -97,6 +100,46 @@ def test_bad_counts(counts, error, match):
 def test_bad_smoothing():
     with pytest.raises(ValueError, match="smoothing"):
         class_weights([1, 2], smoothing=-1.0)
+    with pytest.raises(ValueError, match="^smoothing must be a finite number >= 0.0, got 1000"):
+        class_weights([1, 2], smoothing=10**400)  # (float() of it overflowed: an OverflowError)
+    # counts + smoothing beyond float64 (inf): every weight came out 0, no variation at all
+    with pytest.raises(ValueError, match=r"^class_counts \+ smoothing must be finite in float64, got \[inf"):
+        class_weights([1e308, 1.0], smoothing=1e308)
+
+
+@pytest.mark.parametrize(
+    "weight, error, match",
+    [
+        ([True, False, True], TypeError, "weight must be numbers, not booleans"),
+        (np.array([True, False, True]), TypeError, "weight must be real numbers, got a bool array"),
+        (torch.tensor([True, False, True]), TypeError, "weight must be real numbers, got a torch.bool tensor"),
+        (torch.ones(3, dtype=torch.complex64), TypeError, "weight must be real numbers, got a torch.complex64 tensor"),
+        (torch.ones(3).to_sparse(), TypeError, "weight must be a dense .strided. tensor, got a sparse_coo one"),
+        (torch.ones(3, device="meta"), ValueError, "weight is a meta tensor: it holds no values"),
+        (torch.ones(3, requires_grad=True), ValueError, "weight requires grad"),
+        ({"road": 1.0}, TypeError, "weight must be a tensor or a list of numbers, one per class, got {'road'"),
+        ([[1.0, 2.0]], ValueError, r"weight must be a 1-D list of numbers, one per class, got shape \(1, 2\)"),
+        ([1.0, 10**400, 1.0], ValueError, "weight must be finite in float32"),
+        ([1.0, 1e300, 1.0], ValueError, r"weight must be finite in float32, got \[1.0, inf"),
+        (torch.tensor([1.0, float("nan")]), ValueError, "weight must be finite in float32"),
+    ],
+    ids=["bools", "bool-array", "bool-tensor", "complex", "sparse", "meta", "requires-grad", "dict", "2d", "huge-int",
+         "beyond-float32", "nan"],
+)  # fmt: skip
+def test_bad_class_weights_are_named(weight, error, match):
+    with pytest.raises(error, match=f"^{match}"):
+        class_weight_tensor(weight)
+
+
+def test_class_weights_of_every_kind_become_float32():
+    for given in (
+        [1, 2, 3],
+        (0.5, 1.5, 2.5),
+        np.array([1, 2, 3], dtype=np.int16),
+        torch.tensor([1.0, 2.0, 3.0]).double(),
+    ):
+        weight = class_weight_tensor(given, "class_weight")
+        assert weight.dtype == torch.float32 and weight.tolist() == [float(w) for w in given]
 
 
 def test_counts_near_the_float64_maximum():

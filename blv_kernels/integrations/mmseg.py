@@ -36,6 +36,7 @@ import torch
 
 from .._validation import (
     REDUCTIONS,
+    check_class_vector,
     check_dense,
     check_logits_target,
     check_options,
@@ -44,6 +45,7 @@ from .._validation import (
     real,
 )
 from ..loss import BLVLoss, blv_cross_entropy_from_weights
+from ..weights import class_weight_tensor
 from .dataset_counts import load_counts, read_json
 
 __all__ = ["MMSegBLVLoss"]
@@ -102,7 +104,7 @@ class MMSegBLVLoss(BLVLoss):
         if isinstance(class_weight, (str, os.PathLike)):
             class_weight = load_class_weight(class_weight)
         if class_weight is not None:
-            class_weight = _class_weight_tensor(class_weight)
+            class_weight = class_weight_tensor(class_weight, "class_weight")
         # the attribute matches forward()'s default; mmseg passes ignore_index with every call
         super().__init__(
             class_counts, sigma, mode=mode, weight=class_weight, ignore_index=255, reduction=reduction,
@@ -133,6 +135,7 @@ class MMSegBLVLoss(BLVLoss):
             raise ValueError('avg_factor can not be used with reduction="sum"')  # as mmseg's weight_reduce_loss
         # what is read below before the loss checks its arguments, checked as the loss would
         check_logits_target(cls_score, label)
+        check_class_vector("class_weight", self.weight, cls_score)  # (read by the divisor below)
         check_options(ignore_index=ignore_index, label_smoothing=self.label_smoothing)
         if reduction == "mean":
             if avg_factor is None:
@@ -203,27 +206,6 @@ def load_class_weight(path: str | os.PathLike):
     except ImportError:
         raise ImportError(f"class_weight={str(path)!r}: reading {path.suffix or 'it'} needs mmengine") from None
     return load(path)
-
-
-def _class_weight_tensor(class_weight) -> torch.Tensor:
-    """A 1-D float32 tensor of finite class weights, or an error that says what was wrong."""
-    # (a float conversion would drop an imaginary part with a warning, or take booleans as numbers)
-    if (isinstance(class_weight, torch.Tensor) and (class_weight.dtype.is_complex or class_weight.dtype == torch.bool)
-            or isinstance(class_weight, np.ndarray) and class_weight.dtype.kind in "cb"):  # fmt: skip
-        raise TypeError(f"class_weight must be real numbers, got a {class_weight.dtype} {type(class_weight).__name__}")
-    if isinstance(class_weight, torch.Tensor):
-        return _finite_vector(class_weight.detach().float(), class_weight)
-    try:
-        weight = torch.as_tensor(np.asarray(class_weight, dtype=np.float64), dtype=torch.float32)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"class_weight must be a list of numbers, one per class: {err}") from None
-    return _finite_vector(weight, class_weight)
-
-
-def _finite_vector(weight: torch.Tensor, given) -> torch.Tensor:
-    if weight.dim() != 1 or not torch.isfinite(weight).all():
-        raise ValueError(f"class_weight must be a 1-D list of finite numbers, got {given!r}")
-    return weight
 
 
 def _mmseg_loss_registry():
