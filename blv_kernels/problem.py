@@ -116,4 +116,11 @@ def reduced_loss(problem: BLVProblem, loss_sums: torch.Tensor, denom: torch.Tens
     if problem.reduction == "none":
         return loss_per_position
     total = loss_sums.sum()
-    return (total if denom is None else total / denom).to(problem.loss_dtype)
+    if denom is None:
+        return total.to(problem.loss_dtype)
+    mean = total / denom
+    if problem.label_smoothing > 0 and problem.avg_factor is None:
+        # F.cross_entropy's is (1-eps) nll / W_t + (eps/C) smooth / W_t: NaN where no label weighs (0 / 0 + x / 0),
+        # where the fused total / W_t is x / 0 = inf
+        mean = torch.where(denom == 0, torch.nan, mean)
+    return mean.to(problem.loss_dtype)

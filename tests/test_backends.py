@@ -324,6 +324,19 @@ def test_class_weights_of_classes_no_label_has_change_nothing_without_smoothing(
     torch.testing.assert_close(ours, (loss, plain.grad), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_a_mean_over_labels_that_all_weigh_0_is_nan_as_pytorchs(fused, label_smoothing, rng):
+    # "mean" divides by the labels' summed class weights, here 0: F.cross_entropy gives NaN, smoothing or
+    # not ((1-eps) 0/0 + (eps/C) x/0); the fused total / 0 was x / 0 = inf with smoothing
+    x = torch.randn(4, 5, 3, generator=rng).to(DEVICE)
+    target = torch.tensor([[0, 3, -100], [0, 0, 3], [-100, 3, 3], [0, 0, 0]]).to(DEVICE)
+    weight = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]).to(DEVICE)
+    ours = blv_cross_entropy(x, target, weight, class_counts=[1, 2, 3, 4, 5], sigma=0.0, label_smoothing=label_smoothing,
+                             backend=fused)  # fmt: skip
+    plain = torch.nn.functional.cross_entropy(x, target, weight, label_smoothing=label_smoothing)
+    assert plain.isnan() and ours.isnan()
+
+
 def test_uint8_labels_beside_ignore_index_minus_100_keep_their_gradient(fused, rng):
     # -100 is 156 as a uint8: a class of COCO-Stuff's 171, which F.cross_entropy (and every backend)
     # counts; no step of the loss or its backward may compare the labels in their own dtype
