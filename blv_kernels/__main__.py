@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,27 +140,52 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: Path) -> None:
-    """Fail before counting, not after, when the counts could not be written to ``path``."""
+def _label_dir(text: str) -> str:
+    """An argparse type: a directory's path, not empty (pathlib would take "" for the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the directory to search is an empty path (the current one is '.')")
+    return text
+
+
+def _check_output(text: str) -> Path:
+    """``-o``'s file, checked before counting, not after: fail now when the counts could not be written."""
+    # "dir/", "dir/." name a directory; Path() would drop their end and write a file named "dir"
+    if text and os.path.basename(text) in ("", ".", ".."):
+        raise CliError(
+            f"-o {text} names a directory, not a file: name the file to write, e.g. {os.path.join(text, 'counts.json')}"
+        )
     try:
-        path = counts_target(path)
+        path = counts_target(Path(text))
     except ValueError as err:
         raise CliError(f"-o {err}") from None
     parent = path.parent
     if not parent.is_dir():
         raise CliError(f"-o {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"-o {path}: directory {parent} is not writable")
+    try:  # a file created and removed, as save_counts will create one there (os.access passes anything for root)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".blv-kernels-", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise CliError(f"-o {path}: cannot create a file in directory {parent}: {err.strerror or err}") from None
+    return Path(text)
+
+
+def _print_counts(counts: list[int]) -> None:
+    """The counts on stdout, flushed now: a write that fails (a full disk, a closed stdout) is an error, not
+    counts lost without a word."""
+    if sys.stdout is None:  # the command was started with stdout closed
+        raise CliError("stdout is closed: nothing to print the counts to (write them with -o FILE)", exit_code=1)
+    try:
+        print(json.dumps(counts), flush=True)
+    except OSError as err:
+        raise CliError(f"cannot write the counts to stdout: {err.strerror or err}", exit_code=1) from None
 
 
 def count_classes(args: argparse.Namespace) -> int:
-    output = None if args.output is None else Path(args.output)
     try:
         paths = find_label_files(args.label_dir, args.pattern)
     except ValueError as err:
         raise CliError(str(err)) from None
-    if output is not None:
-        _check_output(output)
+    output = None if args.output is None else _check_output(args.output)
     try:
         result = count_label_files(
             paths, args.num_classes, args.ignore_index, workers=args.workers, progress=not args.quiet
@@ -192,7 +218,7 @@ def count_classes(args: argparse.Namespace) -> int:
     if unseen:
         print(f"warning: class(es) {unseen} have no pixels: BLVLoss needs smoothing > 0 for them", file=sys.stderr)
     if output is None:
-        print(json.dumps(result.counts))
+        _print_counts(result.counts)
         return 0
     try:
         save_counts(result.counts, output)
@@ -230,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=COUNT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("label_dir", metavar="LABEL_DIR", help="the directory searched, recursively")
+    p.add_argument("label_dir", type=_label_dir, metavar="LABEL_DIR", help="the directory searched, recursively")
     p.add_argument("--num-classes", type=_integer(1, MAX_CLASSES), required=True, help="C: labels 0..C-1 are counted")
     p.add_argument(
         "--ignore-index", type=_integer(INT64_MIN, INT64_MAX), default=255,

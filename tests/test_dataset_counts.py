@@ -69,6 +69,21 @@ def test_count_classes_rejects_out_of_range_labels(rng):
         count_classes(maps, 6, ignore_index=255.0)
 
 
+def test_count_classes_refuses_sparse_nested_tensors_and_non_iterables(rng):
+    """Named errors, not torch's ("can't convert Sparse layout tensor to numpy", "NestedTensorImpl doesn't
+    support sizes") or Python's "'int' object is not iterable"."""
+    label = _labels(rng, n=1)[0].long()
+    for layout, bad in (("sparse_coo", label.to_sparse()),
+                        ("nested", torch.nested.as_nested_tensor([label], layout=torch.jagged))):  # fmt: skip
+        with pytest.raises(TypeError, match=f"^label map 1 must be a dense .strided. tensor, got a {layout} one$"):
+            count_classes([label, bad], 6)
+    for bad, kind in ((5, "int"), (None, "NoneType"), (torch.tensor(5), "Tensor")):  # (a 0-d tensor has no maps)
+        with pytest.raises(
+            TypeError, match=f"^labels must be an iterable of label maps .tensors or arrays., got {kind}$"
+        ):
+            count_classes(bad, 6)
+
+
 def test_numpy_scalar_arguments(rng):
     maps = _labels(rng)
     assert count_classes(maps, np.int64(6), ignore_index=np.uint8(255)) == _expected(maps, 6)
@@ -158,6 +173,21 @@ def test_find_label_files_takes_one_kind_and_plain_names(rng, tmp_path):
         find_label_files(tmp_path, "*.npy")
     with pytest.raises(ValueError, match="invalid pattern"):
         find_label_files(tmp_path, "/abs/*.png")
+
+
+def test_find_label_files_refuses_a_file_found_twice_through_a_link(rng, tmp_path):
+    """all/a.png and train/a.png -> ../all/a.png: count_label_files would refuse the list; which name counts
+    is not for find_label_files to choose."""
+    label = _labels(rng, n=1)[0].numpy()
+    (tmp_path / "all").mkdir()
+    (tmp_path / "train").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(label).save(tmp_path / "all" / name)
+    (tmp_path / "train" / "a.png").symlink_to(Path("..") / "all" / "a.png")
+    message = f"^1 file.s. under {re.escape(str(tmp_path))} are found through more than one path .a symbolic link., "
+    with pytest.raises(ValueError, match=message + f"e.g. {re.escape(str(tmp_path / 'all' / 'a.png'))}: "):
+        find_label_files(tmp_path)
+    assert find_label_files(tmp_path / "train") == [tmp_path / "train" / "a.png"]  # each file once: taken
 
 
 def test_missing_pillow_or_tqdm_fails_before_reading(rng, tmp_path, monkeypatch):
@@ -307,6 +337,21 @@ def test_save_counts_takes_integer_arrays_and_tensors(tmp_path):
         with pytest.raises(ValueError, match=re.escape(problem)):
             save_counts(counts, path)
     assert load_counts(path) == [3, 0, 7]  # the file is as it was
+
+
+def test_save_counts_refuses_tensors_without_dense_values(tmp_path):
+    """Not torch's "Cannot copy out of meta tensor" or its errors from inside sparse and nested tensors."""
+    path = tmp_path / "counts.json"
+    counts = torch.tensor([3, 0, 7])
+    for bad, error, message in (
+        (counts.to("meta"), ValueError, "counts is a meta tensor: it holds no counts"),
+        (counts.to_sparse(), TypeError, "counts must be a dense .strided. tensor, got a sparse_coo one"),
+        (torch.nested.as_nested_tensor([counts], layout=torch.jagged), TypeError,
+         "counts must be a dense .strided. tensor, got a nested one"),
+    ):  # fmt: skip
+        with pytest.raises(error, match=f"^{message}$"):
+            save_counts(bad, path)
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_counts_file_errors_name_the_file_asked_for(tmp_path):

@@ -164,6 +164,8 @@ BAD_COUNT_OPTIONS = [
     (["--num-classes", "4", "--ignore-index", str(2**64)], "--ignore-index: must be an integer"),
     (["--num-classes", "4", "-o", "{tmp}/missing/counts.json"], "directory {tmp}/missing does not exist"),
     (["--num-classes", "4", "-o", "{tmp}"], "-o {tmp} is a directory"),
+    (["--num-classes", "4", "-o", "{tmp}/nodir/"], "-o {tmp}/nodir/ names a directory, not a file"),  # not "nodir"
+    (["--num-classes", "4", "-o", "{tmp}/nodir/."], "-o {tmp}/nodir/. names a directory, not a file"),
     (["--num-classes", "4", "-o", "{tmp}/pipe"], "-o {tmp}/pipe is not a regular file"),  # as /dev/null (replaced)
     (["--num-classes", "4", "--pattern", "/abs/*.png"], "invalid pattern '/abs/*.png'"),
     (["--num-classes", "4", "--pattern", "*.npy"], "no files matching '*.npy'"),
@@ -184,6 +186,52 @@ def test_count_classes_bad_options_fail_before_counting(small_label_dir, tmp_pat
     assert code == 2 and out == ""
     assert_one_line_error(err, message.replace("{tmp}", str(tmp_path)))
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys"), reason="no /sys here")
+def test_unwritable_output_directory_fails_before_counting(small_label_dir, capsys, monkeypatch):
+    """/sys takes no new files, not even root's, for whom os.access says every directory is writable."""
+
+    def must_not_count(*args, **kwargs):
+        raise AssertionError("counted although the command could not succeed")
+
+    monkeypatch.setattr(cli, "count_label_files", must_not_count)
+    code, out, err = run(
+        ["count-classes", str(small_label_dir), "--num-classes", "4", "-o", "/sys/counts.json"], capsys
+    )
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "-o /sys/counts.json: cannot create a file in directory /sys: ")
+
+
+def test_empty_label_dir_is_refused(small_label_dir, capsys, monkeypatch):
+    monkeypatch.chdir(small_label_dir)  # pathlib would take "" for it
+    code, out, err = run(["count-classes", "", "--num-classes", "4", "--quiet"], capsys)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "argument LABEL_DIR: the directory to search is an empty path")
+
+
+def test_a_label_file_found_twice_through_a_link_is_one_line(small_label_dir, tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    first = sorted(small_label_dir.iterdir())[0]
+    (tmp_path / "train" / first.name).symlink_to(first)
+    code, out, err = run(["count-classes", str(tmp_path), "--num-classes", "4", "--quiet", "--workers", "1"], capsys)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "1 file(s) under", "more than one path (a symbolic link)", str(first))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_counts_that_cannot_reach_stdout_are_an_error(small_label_dir):
+    """A full disk, or stdout closed (where print writes nowhere): one line and exit 1, not a traceback or 0."""
+    cmd = [sys.executable, "-m", "blv_kernels", "count-classes", str(small_label_dir), "--num-classes", "4", "--quiet"]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 1
+    assert_one_line_error(proc.stderr.splitlines()[-1], "cannot write the counts to stdout: No space left on device")
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 1
+    assert_one_line_error(proc.stderr.splitlines()[-1], "stdout is closed", "-o FILE")
+    assert "Traceback" not in proc.stderr
 
 
 def test_all_files_unreadable_writes_nothing(tmp_path, capsys):

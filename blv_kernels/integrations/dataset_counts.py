@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._validation import check_holds_values, integer, integer_ignore_index
+from .._validation import check_dense, check_holds_values, integer, integer_ignore_index
 
 __all__ = [
     "count_classes",
@@ -90,9 +90,16 @@ def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -
     """
     num_classes = _check_num_classes(num_classes)
     ignore_index = integer_ignore_index(ignore_index)
+    try:
+        items = iter(labels)
+    except TypeError:  # a number, a 0-d tensor or array
+        raise TypeError(
+            f"labels must be an iterable of label maps (tensors or arrays), got {type(labels).__name__}"
+        ) from None
     total = np.zeros(num_classes, dtype=np.int64)
-    for i, item in enumerate(labels):
+    for i, item in enumerate(items):
         if isinstance(item, torch.Tensor):
+            check_dense(f"label map {i}", item)
             if item.dtype.is_floating_point or item.dtype.is_complex:  # (before numpy, which has no bfloat16)
                 raise ValueError(f"label map {i} must hold integers, got dtype {item.dtype}")
             check_holds_values(f"label map {i}", item, "labels")
@@ -117,9 +124,10 @@ def count_classes(labels: Iterable, num_classes: int, ignore_index: int = 255) -
 def find_label_files(root: str | os.PathLike, pattern: str = "*.png") -> list[Path]:
     """The files under ``root`` (searched recursively) whose names match ``pattern``, sorted.
 
-    Raises ``ValueError`` when ``root`` is not a directory, nothing matches, or the matches are
+    Raises ``ValueError`` when ``root`` is not a directory, nothing matches, the matches are
     Cityscapes label maps of several kinds (``*_labelTrainIds.png`` beside ``*_labelIds.png``,
-    ``*_color.png``, ``*_instanceIds.png``...): counted together they would mix label encodings.
+    ``*_color.png``, ``*_instanceIds.png``...): counted together they would mix label encodings,
+    or a file is found twice through a symbolic link (it would count twice).
     """
     root = Path(root)
     if not root.is_dir():
@@ -130,6 +138,12 @@ def find_label_files(root: str | os.PathLike, pattern: str = "*.png") -> list[Pa
         raise ValueError(f"invalid pattern {pattern!r}: {err}") from None
     if not paths:
         raise ValueError(f"no files matching {pattern!r} under {root}")
+    repeated = _repeated_files(paths)
+    if repeated:  # which of its paths counts would be an arbitrary choice: the caller narrows root or pattern
+        raise ValueError(
+            f"{len(repeated)} file(s) under {root} are found through more than one path (a symbolic link), "
+            f"e.g. {repeated[0]}: each file counts once; narrow the directory or the pattern"
+        )
     kinds = Counter((kind, p.suffix) for p in paths for kind in CITYSCAPES_LABEL_KINDS if p.stem.endswith(kind))
     if len(kinds) > 1:
         found = ", ".join(f"{n} *{kind}{suffix}" for (kind, suffix), n in kinds.most_common())
@@ -139,6 +153,11 @@ def find_label_files(root: str | os.PathLike, pattern: str = "*.png") -> list[Pa
             "(the 19 training classes)"
         )
     return paths
+
+
+def _repeated_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The files that ``paths`` names more than once (also through links or ``.``), by their real paths."""
+    return [p for p, n in Counter(os.path.realpath(p) for p in paths).items() if n > 1]
 
 
 @dataclass
@@ -210,7 +229,7 @@ def count_label_files(
     if isinstance(paths, (str, bytes, os.PathLike)):  # iterated, it would give one-character paths
         raise TypeError(f"paths must be a sequence of label files, got the single path {paths!r}: pass [path]")
     paths = [str(p) for p in paths]
-    repeated = [p for p, n in Counter(os.path.realpath(p) for p in paths).items() if n > 1]
+    repeated = _repeated_files(paths)
     if repeated:
         raise ValueError(
             f"paths lists {len(repeated)} file(s) more than once, e.g. {repeated[0]}: each file counts once"
@@ -266,6 +285,9 @@ def save_counts(counts: Sequence[int], path: str | os.PathLike) -> None:
     """
     path = Path(path)
     target = counts_target(path)
+    if isinstance(counts, torch.Tensor):
+        check_dense("counts", counts)
+        check_holds_values("counts", counts, "counts")
     values = counts.tolist() if isinstance(counts, (np.ndarray, torch.Tensor)) else counts
     if isinstance(values, (list, tuple)):  # one-element tensors and whole floats (numpy's too) as ints
         values = [v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for v in values]
