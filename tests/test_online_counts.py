@@ -73,6 +73,19 @@ def test_apply_with_smoothing_updates_loss_in_place(rng):
     assert loss.variation_weight[3] == 1.0  # the rarest class
 
 
+def test_apply_checks_every_loss_before_changing_any():
+    model = torch.nn.ModuleList([BLVLoss([1, 2, 3]), BLVLoss([1, 2, 3, 4])])
+    before = [loss.variation_weight.clone() for loss in model]
+    counter = ClassCounter(3)
+    counter.update(torch.tensor([0, 0, 1, 2]))
+    with pytest.raises(
+        ValueError, match="^BLVLoss 1 in the module has 4 classes, this counter counts 3: no loss was changed$"
+    ):
+        counter.apply(model)
+    for loss, weight in zip(model, before, strict=True):
+        assert torch.equal(loss.variation_weight, weight)
+
+
 def test_confident_pseudo_labels_of_class_255_count_with_more_than_255_classes(rng):
     """Pseudo-labels below the threshold must not be marked with ignore_index: with C > 255 the
     default 255 is a class, whose confident pseudo-labels would be dropped."""
@@ -155,6 +168,28 @@ def test_update_takes_numpy_arrays(rng):
         counter.update(label.numpy().astype(np.float32))
     with pytest.raises(TypeError, match="tensor or a numpy array"):
         counter.update(label.tolist())
+    reversed_view = label.numpy().astype(np.int64)[::-1]  # a negative stride, which torch.from_numpy refuses
+    counter = ClassCounter(C)
+    counter.update(reversed_view)
+    torch.testing.assert_close(counter.counts(), _bincount(label))
+
+
+UNSIGNED_LABELS = {
+    "uint64 2**64-1": [2**64 - 1, 0],  # int64 would read it as -1, ignore_index below: silently not counted
+    "uint64 2**63+1": [2**63 + 1],  # int64 would read it as a negative number
+    "uint32": [2, 0],
+    "uint16": [2, 0],
+}
+
+
+@pytest.mark.parametrize("name", UNSIGNED_LABELS)
+def test_update_refuses_the_unsigned_tensors_the_loss_refuses(name):
+    dtype = getattr(torch, name.split()[0])
+    counter = ClassCounter(3, ignore_index=-1)
+    message = rf"^labels must hold integer class indices \(uint8, int8, int16, int32 or int64\), got {dtype}$"
+    with pytest.raises(TypeError, match=message):
+        counter.update(torch.tensor(UNSIGNED_LABELS[name], dtype=dtype))
+    torch.testing.assert_close(counter.counts(), torch.zeros(3, dtype=torch.float64))  # nothing counted
 
 
 def test_state_dict_resumes_the_counts(rng, tmp_path):
@@ -186,6 +221,33 @@ def test_meta_tensors_are_refused_by_name(rng):
     with pytest.raises(ValueError, match="^the state dict's 'counts' is a meta tensor: it holds no counts$"):
         counter.load_state_dict({"counts": torch.ones(C, dtype=torch.float64, device="meta")})
     torch.testing.assert_close(counter.counts(), torch.zeros(C, dtype=torch.float64))  # nothing half-done
+
+
+def test_sparse_and_nested_tensors_are_refused_by_name(rng):
+    """Not torch's errors from inside (aten::ne.Scalar on SparseCPU, "NestedTensorImpl doesn't support sizes")."""
+    counter = ClassCounter(C)
+    labels, logits = _labels(rng).long(), torch.randn(2, C, 3, generator=rng)
+    counts = torch.ones(C, dtype=torch.float64)
+    for layout, to_layout in (("sparse_coo", torch.Tensor.to_sparse),
+                              ("nested", lambda t: torch.nested.as_nested_tensor([t], layout=torch.jagged))):  # fmt: skip
+        with pytest.raises(TypeError, match=f"^labels must be a dense .strided. tensor, got a {layout} one$"):
+            counter.update(to_layout(labels))
+        with pytest.raises(TypeError, match=f"^logits must be a dense .strided. tensor, got a {layout} one$"):
+            counter.update_from_logits(to_layout(logits))
+        with pytest.raises(
+            TypeError, match=f"^the state dict's 'counts' must be a dense .strided. tensor, got a {layout}"
+        ):
+            counter.load_state_dict({"counts": to_layout(counts)})
+    torch.testing.assert_close(counter.counts(), torch.zeros(C, dtype=torch.float64))  # nothing half-done
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.bool])
+def test_state_dict_counts_must_be_real_numbers(dtype):
+    """A complex tensor would lose its imaginary part without a word; bools are no counts."""
+    counter = ClassCounter(C)
+    with pytest.raises(TypeError, match=f"^the state dict's 'counts' must hold real numbers, got {dtype}$"):
+        counter.load_state_dict({"counts": torch.ones(C, dtype=dtype)})
+    torch.testing.assert_close(counter.counts(), torch.zeros(C, dtype=torch.float64))
 
 
 def test_repr_says_what_it_counts():

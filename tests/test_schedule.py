@@ -9,6 +9,7 @@ from torch import nn
 
 from blv_kernels import BLVLoss, blv_cross_entropy
 from blv_kernels.integrations import SigmaSchedule
+from blv_kernels.noise import SIGMA_MAX
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])
@@ -46,6 +47,10 @@ def test_degenerate_legs():
         (dict(sigma_0=6.0, t_mid=1, t_end=2, shape="step"), "shape must be one of"),
         (dict(sigma_0=6.0, t_mid=1, t_end=2, sigma_end=-0.1), "sigma_end must be"),
         (dict(sigma_0=6.0, t_mid=-1, t_end=2), "t_mid must be an integer >= 0"),
+        # beyond the loss's sigma bound: refused here, not at the step that reaches it
+        (dict(sigma_0=1e38, t_mid=10, t_end=20), r"sigma_0 must be a finite number >= 0.0 and <= 1e\+37, got 1e\+38"),
+        (dict(sigma_0=6.0, t_mid=10, t_end=20, sigma_start=1e38), r"sigma_start must be .* <= 1e\+37"),
+        (dict(sigma_0=6.0, t_mid=10, t_end=20, sigma_end=1e38), r"sigma_end must be .* <= 1e\+37"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -65,6 +70,12 @@ def test_bad_arguments(kwargs, match):
 def test_arguments_of_the_wrong_type(kwargs, match):
     with pytest.raises(TypeError, match=match):
         SigmaSchedule(**kwargs)
+
+
+def test_sigma_up_to_the_loss_bound_is_taken():
+    s = SigmaSchedule(SIGMA_MAX, t_mid=10, t_end=20, shape="cosine", sigma_start=SIGMA_MAX, sigma_end=SIGMA_MAX)
+    loss = BLVLoss([1, 2, 3])
+    assert all(s.step(loss, t) == SIGMA_MAX for t in (0, 5, 10, 15, 20))
 
 
 def test_numpy_scalars_are_numbers(rng):

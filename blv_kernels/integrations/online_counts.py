@@ -12,7 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validation import check_holds_values, check_target_values, integer, integer_ignore_index, real
+from .._validation import (
+    TARGET_DTYPES,
+    check_dense,
+    check_holds_values,
+    check_target_values,
+    integer,
+    integer_ignore_index,
+    real,
+)
 from ..weights import class_weights
 from ._modules import blv_losses
 from .dataset_counts import MAX_CLASSES
@@ -74,8 +82,11 @@ class ClassCounter:
             labels = self._from_numpy(labels)
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a tensor or a numpy array, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must hold integer class indices, got {labels.dtype}")
+        check_dense("labels", labels)
+        if labels.dtype not in TARGET_DTYPES:  # the loss's label dtypes (int64 would wrap uint64's top half around)
+            raise TypeError(
+                f"labels must hold integer class indices (uint8, int8, int16, int32 or int64), got {labels.dtype}"
+            )
         check_holds_values("labels", labels, "labels")
         check_target_values(labels, self.num_classes, self.ignore_index)
         labels = labels.to(self._local.device).long().flatten()
@@ -87,7 +98,8 @@ class ClassCounter:
         if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
             # int64 (what the counts are indexed with) would wrap it around to a negative label
             raise ValueError(f"labels has value {labels.max()} outside [0, {self.num_classes})")
-        return torch.from_numpy(labels.astype(np.int64, copy=False))
+        # contiguous: torch takes no negative strides (a reversed view)
+        return torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
 
     def _add(self, index: torch.Tensor) -> None:
         """Count the classes in ``index`` (int64 on the counts' device); the value C is a bin for what is not counted."""
@@ -105,6 +117,7 @@ class ClassCounter:
         """Add pseudo-labels: the argmax class of ``logits`` (N, C, ...) where its softmax confidence >= threshold."""
         if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
             raise TypeError(f"logits must be a floating-point tensor of shape (N, {self.num_classes}, ...)")
+        check_dense("logits", logits)
         if logits.dim() < 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"logits must have shape (N, {self.num_classes}, ...), got {tuple(logits.shape)}")
         check_holds_values("logits", logits)
@@ -129,7 +142,15 @@ class ClassCounter:
     def apply(self, module: nn.Module) -> torch.Tensor:
         """Set the counts on every BLVLoss in ``module`` (``set_class_counts``); returns the counts. A collective."""
         counts = self.counts()
-        for loss in blv_losses(module):
+        losses = blv_losses(module)
+        # every loss checked before any is set: a mismatch must not leave the model half re-weighted
+        for i, loss in enumerate(losses):
+            if loss.variation_weight.shape != counts.shape:
+                raise ValueError(
+                    f"BLVLoss {i} in the module has {loss.variation_weight.numel()} classes, this counter counts "
+                    f"{self.num_classes}: no loss was changed"
+                )
+        for loss in losses:
             loss.set_class_counts(counts, smoothing=self.smoothing)
         return counts
 
@@ -142,7 +163,10 @@ class ClassCounter:
         counts = state_dict.get("counts") if isinstance(state_dict, dict) else None
         if not isinstance(counts, torch.Tensor):
             raise ValueError("expected a ClassCounter state dict: {'counts': tensor of shape (C,)}")
+        check_dense("the state dict's 'counts'", counts)
         check_holds_values("the state dict's 'counts'", counts, "counts")
+        if counts.dtype == torch.bool or counts.dtype.is_complex:  # (a complex one would lose its imaginary part)
+            raise TypeError(f"the state dict's 'counts' must hold real numbers, got {counts.dtype}")
         if counts.shape != self._local.shape:
             raise ValueError(
                 f"the state dict has counts of shape {tuple(counts.shape)}, this counter counts "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .._validation import integer, real
+from ..noise import SIGMA_MAX
 from ._modules import blv_losses
 
 __all__ = ["SigmaSchedule"]
@@ -41,9 +42,10 @@ class SigmaSchedule:
     sigma_end: float = 0.0
 
     def __post_init__(self) -> None:
-        # frozen: the checked values are set through object.__setattr__
+        # frozen: the checked values are set through object.__setattr__; sigma bounded as the loss bounds it,
+        # so that a bad schedule fails here, not at the step that reaches the value
         for name in ("sigma_0", "sigma_start", "sigma_end"):
-            object.__setattr__(self, name, real(name, getattr(self, name), minimum=0.0))
+            object.__setattr__(self, name, real(name, getattr(self, name), minimum=0.0, maximum=SIGMA_MAX))
         for name in ("t_mid", "t_end"):
             object.__setattr__(self, name, integer(name, getattr(self, name), minimum=0))
         if not (self.t_mid <= self.t_end and self.t_end > 0):
