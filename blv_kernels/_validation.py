@@ -177,10 +177,12 @@ def invalid_target_mask(target: torch.Tensor, num_classes: int, ignore_index: in
     return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
 
 
-def raise_or_assert_no_bad_labels(num_bad: torch.Tensor, first_bad, num_classes: int, ignore_index: int) -> None:
+def raise_or_assert_no_bad_labels(
+    num_bad: torch.Tensor, first_bad, num_classes: int, ignore_index: int, name: str = "target"
+) -> None:
     """Raise on the host for CPU tensors; on an accelerator, or while torch.compile traces, assert
     on the device (no sync, no graph break)."""
-    message = f"target has {{}} value(s) outside [0, {num_classes}) that are not ignore_index={ignore_index}"
+    message = f"{name} has {{}} value(s) outside [0, {num_classes}) that are not ignore_index={ignore_index}"
     if num_bad.device.type == "cpu" and not torch.compiler.is_compiling():
         count = int(num_bad)
         if count:
@@ -190,11 +192,12 @@ def raise_or_assert_no_bad_labels(num_bad: torch.Tensor, first_bad, num_classes:
         torch._assert_async(num_bad == 0, message.format("some"))
 
 
-def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Every label in [0, C) or equal to ignore_index, checked without a host sync on devices."""
+def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int, name: str = "target") -> None:
+    """Every label in [0, C) or equal to ignore_index, checked without a host sync on devices; ``name``:
+    the labels' argument where it is not the loss's ``target``."""
     target = target.long()  # compare in int64: uint8 comparisons with a Python int wrap around
     bad = invalid_target_mask(target, num_classes, ignore_index)
-    raise_or_assert_no_bad_labels(bad.sum(), lambda: target[bad][0], num_classes, ignore_index)
+    raise_or_assert_no_bad_labels(bad.sum(), lambda: target[bad][0], num_classes, ignore_index, name)
 
 
 def integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:

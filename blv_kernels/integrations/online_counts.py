@@ -88,7 +88,7 @@ class ClassCounter:
                 f"labels must hold integer class indices (uint8, int8, int16, int32 or int64), got {labels.dtype}"
             )
         check_holds_values("labels", labels, "labels")
-        check_target_values(labels, self.num_classes, self.ignore_index)
+        check_target_values(labels, self.num_classes, self.ignore_index, "labels")
         labels = labels.to(self._local.device).long().flatten()
         self._add(torch.where(labels == self.ignore_index, self.num_classes, labels))
 
