@@ -419,8 +419,15 @@ def test_bad_class_weights(tmp_path):
         MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "w.json"))
     with pytest.raises(ValueError, match="finite"):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, float("nan"), 1.0])
-    with pytest.raises(FileNotFoundError):
-        MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / "missing.npy"))
+    for missing in ("missing.npy", "missing.yaml"):
+        with pytest.raises(FileNotFoundError, match=f"^class_weight='{tmp_path / missing}': no such file$"):
+            MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / missing))
+    # files that hold no class weights: named, not numpy's or mmengine's words alone
+    np.save(tmp_path / "objects.npy", np.array([{"road": 1.0}], dtype=object))
+    (tmp_path / "weights.py").write_text("weights = [1.0, 2.0, 3.0]\n")
+    for name in ("objects.npy", "weights.py"):
+        with pytest.raises(ValueError, match=f"^class_weight='{tmp_path / name}': cannot read class weights from it: "):
+            MMSegBLVLoss([1, 2, 3], class_weight=str(tmp_path / name))
     with pytest.raises(ValueError, match="one entry per class"):
         MMSegBLVLoss([1, 2, 3], class_weight=[1.0, 2.0])
     for given in (torch.ones(3, dtype=torch.complex64), np.ones(3, dtype=np.complex128), np.ones(3, dtype=bool)):

@@ -197,15 +197,20 @@ def load_class_weight(path: str | os.PathLike):
     """Class weights from a file, as mmseg's ``get_class_weight``: ``.npy`` through numpy, other
     formats through mmengine's ``load`` (json, yaml, pickle; json needs no mmengine here)."""
     path = Path(path)
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"class_weight={str(path)!r}: no such file")
     if path.suffix == ".json":
-        return read_json(path)
+        return read_json(path)  # (its errors name the file)
     try:
-        from mmengine.fileio import load
-    except ImportError:
-        raise ImportError(f"class_weight={str(path)!r}: reading {path.suffix or 'it'} needs mmengine") from None
-    return load(path)
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        try:
+            from mmengine.fileio import load
+        except ImportError:
+            raise ImportError(f"class_weight={str(path)!r}: reading {path.suffix or 'it'} needs mmengine") from None
+        return load(path)
+    except (ValueError, TypeError, OSError) as err:  # an object array, an unknown format, unreadable
+        raise ValueError(f"class_weight={str(path)!r}: cannot read class weights from it: {err}") from None
 
 
 def _mmseg_loss_registry():
