@@ -28,8 +28,11 @@ fi
 OUT=$1
 MODE=${2:-}
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+# an absolute, writable OUTDIR, or nothing runs (an empty OUT would put the logs in /)
+if ! mkdir -p "$OUT" 2>/dev/null || ! OUT=$(cd "$OUT" 2>/dev/null && pwd) || [[ ! -w $OUT ]]; then
+    echo "gpu_check.sh: OUTDIR $1 is not a writable directory" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.." || exit 2
 
 # Without --full the check must end within 7 minutes: every stage gets what is left of TOTAL_S,
@@ -134,9 +137,11 @@ run_stage training "$TRAIN_CAP" "$PY" -m benchmarks.training "${QUICK[@]}" --bud
 # then the whole calls on the card: Triton's launcher (whole call - stubbed) and each call's device operations
 run_stage host "$(cap 50 60)" env -u TRITON_INTERPRET bash -c "\
 $PY -m benchmarks.host --calls 300 && $PY -m benchmarks.host --calls 300 --device cuda"
-# the static estimates (compiled, not run), to set beside the measured times
+# the static estimates (compiled, not run), to set beside the measured times; the JSON written whole
+# or not at all (a stage cut by its cap left an empty file, which the summary refused)
 run_stage static "$(cap $STATIC_MAX 0)" env -u TRITON_INTERPRET bash -c "\
-$PY -m benchmarks.static_report --json ${STATIC_CASES[*]} > '$OUT/static_report.json' && { $PY -m benchmarks.cuda_static_report || true; }"
+$PY -m benchmarks.static_report --json ${STATIC_CASES[*]} > '$OUT/static_report.json.partial' \
+&& mv '$OUT/static_report.json.partial' '$OUT/static_report.json' && { $PY -m benchmarks.cuda_static_report || true; }"
 
 echo
 timeout 30 "$PY" -m benchmarks.summary "$OUT" || FAILED=1
