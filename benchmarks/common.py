@@ -1,10 +1,12 @@
-"""What both benchmarks share: the run's stamp, timing, the copy-bandwidth yardstick, backend probes."""
+"""What the benchmarks share: their command lines' errors, the run's stamp, timing, the copy-bandwidth
+yardstick, backend probes."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -29,6 +31,37 @@ IGNORE_INDEX = 255
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of a bf16 arithmetic unit: x86's AVX512-BF16 and AMX-BF16, aarch64's FEAT_BF16
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+MAX_THREADS = 4096  # --threads' bound: torch.set_num_threads overflows (a traceback) past int32
+
+
+class UsageError(Exception):
+    """Bad input to a benchmark's command line: one line on stderr, exit status 2, nothing written."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UsageError, so that :func:`command` prints them on one line
+    (plain argparse prints its usage first; the usage is one --help away)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def command(prog: str):
+    """Decorate a benchmark's ``main(argv) -> exit status``: a UsageError raised in it, by its
+    :class:`ArgumentParser` or by a check of its own, is "PROG: error: MESSAGE" on stderr and status 2."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def run(argv=None) -> int:
+            try:
+                return main(argv)
+            except UsageError as error:
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return decorate
 
 
 def class_counts(num_classes: int) -> list[int]:
@@ -44,14 +77,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: the benchmarks run on cpu or cuda")
+        raise UsageError(f"--device {name}: the benchmarks run on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: no CUDA device is available")
+            raise UsageError(f"--device {name}: no CUDA device is available")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -81,6 +114,33 @@ def budget_seconds(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text}")
     return value
+
+
+def names_in(option: str, text: str, known) -> list[str]:
+    """The comma-separated names of ``--option``, each one of ``known`` (so "" is refused, not read as all)."""
+    chosen = text.split(",")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise UsageError(f"--{option}: unknown {unknown}; known: {', '.join(known)}")
+    return chosen
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, why: str) -> None:
+    """``--threads N``, torch's CPU threads for the run (:func:`torch_threads`), one by default."""
+    parser.add_argument(
+        "--threads", type=at_least(1, maximum=MAX_THREADS), default=1, help=f"torch CPU threads (default 1: {why})"
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's CPU threads set to ``count`` for the block only (a test calling ``main`` keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def out_dir_problem(path: Path) -> str | None:
@@ -149,7 +209,7 @@ def _git(*args: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    """The stamp every result file carries: device, versions, commit, date."""
+    """The stamp every result file carries: device, torch's CPU threads, versions, commit, date."""
     try:
         import triton
 
@@ -164,6 +224,7 @@ def environment(device: torch.device) -> dict:
     return {
         "device": device_name,
         "device_type": device.type,
+        "threads": torch.get_num_threads(),  # on a busy CPU more threads can be slower (host.py, longtail.py)
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
@@ -178,8 +239,10 @@ def environment(device: torch.device) -> dict:
 
 def stamp_line(env: dict) -> str:
     commit = (env["commit"] or "unknown")[:10] + ("+changes" if env["uncommitted_changes"] else "")
+    # (result files written before the stamp had "threads" lack it)
+    threads = f" | {env['threads']} torch thread(s)" if "threads" in env else ""
     return (
-        f"{env['device']} | torch {env['torch']} | triton {env['triton']} | blv_kernels {env['blv_kernels']} "
+        f"{env['device']}{threads} | torch {env['torch']} | triton {env['triton']} | blv_kernels {env['blv_kernels']} "
         f"| commit {commit} | {env['date']}"
     )
 

@@ -22,6 +22,9 @@ import sys
 from blv_kernels.backends import build_csrc
 
 from . import sass
+from .common import ArgumentParser, UsageError, command
+
+PROG = "python -m benchmarks.cuda_static_report"
 
 SOURCE = build_csrc.CSRC / "cuda" / "blv_kernel.cu"
 MATH = build_csrc.CSRC / "blv_math.h"
@@ -170,11 +173,12 @@ def case_report(k: _Kernels, dtype: str, pixel: bool, num_classes: int) -> tuple
     return lanes, sass.report(walk, num_warps=4, elements=elements, resources=k.usage[name], philox=PHILOX)
 
 
+@command(PROG)
 def main(argv=None) -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)  # only --help: anything else is refused
     if sass.find_tool("nvcc") is None:
-        print("error: nvcc not found (the CUDA toolkit's compiler)", file=sys.stderr)
-        return 2
+        raise UsageError("nvcc not found (the CUDA toolkit's compiler)")
     kernels = _Kernels()
     print("Static estimate (sm_90 SASS, no GPU): CUDA C++ loss pass (loss and gradient), sigma 6, mean, int64 labels")
     for dtype, pixel, num_classes, name in CASES:

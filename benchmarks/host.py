@@ -1,6 +1,6 @@
 """The host's time per eager call of the fused loss, forward and backward.
 
-    python -m benchmarks.host [--calls N] [--device cpu|cuda]
+    python -m benchmarks.host [--calls N] [--device cpu|cuda] [--threads N]
 
 Where a batch is small the kernels take less time than the Python around them (argument checks,
 the problem's tensors, the launches' arguments, the autograd node), and an eager call costs that
@@ -15,7 +15,9 @@ in one run. With ``--device cuda`` the same batch on the card: the whole calls o
 this size the host bounds), the Triton backend with its launches stubbed again (on the card, its
 three zero-writes are launches too), so that the difference is Triton's launcher, and each call's
 device operations (kernels, copies and fills, counted by the profiler). The median over rounds,
-microseconds per forward+backward.
+microseconds per forward+backward. Torch runs on one CPU thread unless ``--threads`` says more
+(the header says how many): at this size its intra-op threads only wait on each other, and on a
+busy CPU F.cross_entropy's call took 23.8 ms with the default threads against 19 us with one.
 """
 
 from __future__ import annotations
@@ -35,14 +37,21 @@ from blv_kernels import BLVLoss
 from .common import (
     IGNORE_INDEX,
     SIGMA,
+    ArgumentParser,
+    UsageError,
+    add_threads_argument,
     at_least,
     blv_backend_problem,
     class_counts,
+    command,
     environment,
     log,
     stamp_line,
     synchronize,
+    torch_threads,
 )
+
+PROG = "python -m benchmarks.host"
 
 SHAPE = (2, 19, 8, 8)
 ROUNDS = 7
@@ -143,22 +152,26 @@ def measure(calls: int, device: torch.device) -> list[Row]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=at_least(1), default=2000, help="calls a round (default: 2000)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the batch lives (default: cpu)")
+    add_threads_argument(parser, "see above")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+        raise UsageError("--device cuda: no CUDA device here")
     return args
 
 
+@command(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    rows = measure(args.calls, device)
+    with torch_threads(args.threads):
+        rows = measure(args.calls, device)
+        stamp = stamp_line(environment(device))
     reference = rows[0][1]
     log(f"Host time per eager call, forward+backward, {'x'.join(map(str, SHAPE))} fp32 on {args.device}, median of "
-        f"{ROUNDS} rounds of {args.calls} | {stamp_line(environment(device))}")  # fmt: skip
+        f"{ROUNDS} rounds of {args.calls} | {stamp}")  # fmt: skip
     for provider, us, operations, note in rows:
         time_text = "not run" if us is None else f"{us:8.1f} us  {us / reference:5.2f}x"
         operations_text = "" if operations is None else f"  {operations:3} device ops"

@@ -98,8 +98,21 @@ from torch import nn
 
 from blv_kernels import BLVLoss, class_weights
 from blv_kernels.integrations import SigmaSchedule
+from blv_kernels.noise import SIGMA_MAX
 
-from .common import at_least, environment, out_dir_problem, resolve_device, stamp_line, write_json
+from .common import (
+    ArgumentParser,
+    UsageError,
+    add_threads_argument,
+    at_least,
+    command,
+    environment,
+    out_dir_problem,
+    resolve_device,
+    stamp_line,
+    torch_threads,
+    write_json,
+)
 from .plots import pyplot
 
 PROG = "python -m benchmarks.longtail"
@@ -132,10 +145,6 @@ LABELS = {
     "overall_acc": "acc", "balanced_acc": "bal acc", "many_acc": "many", "medium_acc": "medium", "few_acc": "few",
     "miou": "mIoU", "many_iou": "many IoU", "medium_iou": "med IoU", "few_iou": "few IoU", "few_share": "few-share",
 }  # fmt: skip
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2, nothing written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +221,15 @@ def parse_method(name: str) -> Method:
         if match is None:
             continue
         if kind == "la":
-            return Method("la", tau=1.0 if match[1] is None else float(match[1]))
+            tau = 1.0 if match[1] is None else float(match[1])
+            if not math.isfinite(tau):  # float() of a few hundred digits is inf
+                raise UsageError(f"--methods: method {name!r}: TAU must be a finite number")
+            return Method("la", tau=tau)
         if kind in ("blv", "shift"):
-            return Method(kind, sigma=float(match[2]), mode=match[1], schedule=kind == "blv" and match[3] is not None)
+            sigma = float(match[2])
+            if sigma > SIGMA_MAX:  # BLVLoss's bound (the pattern admits no sign)
+                raise UsageError(f"--methods: method {name!r}: SIGMA must be a number in [0, {SIGMA_MAX:g}]")
+            return Method(kind, sigma=sigma, mode=match[1], schedule=kind == "blv" and match[3] is not None)
         return Method("ce")
     raise UsageError(f"--methods: unknown method {name!r}; methods are {METHOD_GRAMMAR} (for example blv-abs-6-sched)")
 
@@ -447,10 +462,13 @@ def as_task(spec: str, value) -> Task:
         )
     if not callable(fields["make_model"]):
         raise UsageError(f"--task {spec}: make_model must be callable")
-    for name, number_type in (("epochs", int), ("lr", (int, float))):
-        value = fields.get(name, 1)
-        if isinstance(value, bool) or not isinstance(value, number_type) or value <= 0:
-            raise UsageError(f"--task {spec}: {name} must be a positive number, got {value!r}")
+    epochs = fields.get("epochs", USER_TASK_EPOCHS)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise UsageError(f"--task {spec}: epochs must be a positive number, got {epochs!r}")
+    lr = fields.get("lr", USER_TASK_LR)
+    # (NaN fails the comparison; an int past float's range would overflow in the optimizer)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= sys.float_info.max:
+        raise UsageError(f"--task {spec}: lr must be a finite number > 0, got {lr!r}")
     return Task(**fields)
 
 
@@ -522,6 +540,8 @@ def check_logits(logits: torch.Tensor, num_classes: int) -> None:
 
 
 def check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if targets.is_floating_point():  # .long() would truncate 0.9 to class 0
+        raise UsageError(f"the targets are {targets.dtype}: class indices must be integers")
     labelled = targets[targets != ignore_index]
     if labelled.numel() and (labelled.min() < 0 or labelled.max() >= num_classes):
         raise UsageError(f"a target is outside [0, {num_classes}) and is not ignore_index={ignore_index}")
@@ -813,11 +833,6 @@ def plot_per_class(results: dict, methods: dict[str, list[Method]], path: Path) 
 # Command line
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def parse_args(argv) -> argparse.Namespace:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where longtail.json/png go")
@@ -830,8 +845,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--imbalance", type=float, default=100.0, help="digits: n_max / n_min of the training split")
     parser.add_argument("--scenes", type=at_least(1), default=256, help="segmentation: scenes in each split")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    parser.add_argument("--threads", type=at_least(1, maximum=4096), default=1,
-                        help="torch CPU threads (default 1; see above)")  # fmt: skip
+    add_threads_argument(parser, "see above")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if not (math.isfinite(args.imbalance) and args.imbalance >= 1):
@@ -842,29 +856,20 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
+@command(PROG)
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    threads = torch.get_num_threads()
-    try:
-        return run(argv)
-    except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)  # --threads: for this run only
-
-
-def run(argv: list[str]) -> int:
     args = parse_args(argv)
+    with torch_threads(args.threads):
+        return run(args, argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         import scipy.stats  # noqa: F401
     except ImportError:
         raise UsageError("the paired t-test needs scipy: pip install scipy") from None
-    try:
-        device = resolve_device(args.device)
-    except SystemExit as error:  # its message names --device
-        raise UsageError(str(error)) from None
-    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     specs = list(dict.fromkeys(args.task or BUILTIN_TASKS))
     tasks = {spec: resolve_task(spec, args) for spec in specs}
     methods = {
@@ -886,7 +891,7 @@ def run(argv: list[str]) -> int:
 
         seeds = range(args.seeds or DEFAULT_SEEDS.get(spec, USER_TASK_SEEDS))
         results[spec] = run_task(spec, task_of_seed, seeds, methods[spec], device)
-    meta = {**env, "benchmark": "longtail", "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - start}
+    meta = {**env, "benchmark": "longtail", "wall_s": time.perf_counter() - start}
     data = {"meta": meta, "tasks": results}
     out_json = args.out / "longtail.json"
     write_json(out_json, json_safe(data))

@@ -34,22 +34,28 @@ from .common import (
     IGNORE_INDEX,
     QUANTILES,
     SIGMA,
+    ArgumentParser,
+    UsageError,
     at_least,
     bench,
     blv_backend_problem,
     budget_seconds,
     class_counts,
+    command,
     copy_bandwidth,
     environment,
     host_loop,
     host_ms,
     log,
+    names_in,
     out_dir_problem,
     peak_extra_memory,
     resolve_device,
     stamp_line,
     write_json,
 )
+
+PROG = "python -m benchmarks.loss"
 
 
 @dataclass(frozen=True)
@@ -285,8 +291,19 @@ def print_table(data: dict) -> None:
             )  # fmt: skip
 
 
+def compile_backend(name: str) -> str:
+    """An argparse type: a torch.compile backend of this torch (checked here: a bad one failed every
+    compiled case of a run, after all the others)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())  # the default leaves out eager and aot_eager
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown backend {name!r}; known: {', '.join(known)}")
+    return name
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loss", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where loss.json and plots go")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--size", choices=("full", "small", "tiny"), help="default: full on a GPU, small on the CPU")
@@ -298,7 +315,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)}")
     parser.add_argument("--dtypes", help=f"comma-separated subset of {','.join(DTYPES)}")
     parser.add_argument("--providers", help=f"comma-separated subset of {','.join(PROVIDERS)} (others: skipped)")
-    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
+    parser.add_argument(
+        "--compile-backend", type=compile_backend, default="inductor", help="torch.compile backend (tests: aot_eager)"
+    )
     parser.add_argument(
         "--reps", type=at_least(1), help=f"timed calls per measurement on the CPU (default 10; CPU profile {CPU_REPS})"
     )
@@ -310,14 +329,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for option, known in (("shapes", SHAPES), ("dtypes", DTYPES), ("providers", PROVIDERS)):
         value = getattr(args, option)
         if value is not None:
-            chosen = value.split(",")
-            unknown = sorted(set(chosen) - set(known))
-            if unknown:
-                parser.error(f"--{option}: unknown {unknown}; known: {', '.join(known)}")
-            setattr(args, option, chosen)
+            setattr(args, option, names_in(option, value, known))
     out_problem = out_dir_problem(args.out)
     if out_problem is not None:
-        parser.error(out_problem)
+        raise UsageError(out_problem)
     return args
 
 
@@ -350,6 +365,7 @@ def progress_line(rows: list[dict]) -> str:
     return f"{what} fwd {fwd['ms']:.3f} ms, fwd+bwd {fwd_bwd['ms']:.3f} ms{host}"
 
 
+@command(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)

@@ -47,8 +47,11 @@ from blv_kernels.backends import triton_kernel as tk
 from blv_kernels.problem import BLVProblem
 
 from . import sass
+from .common import ArgumentParser, UsageError, at_least, command, names_in
 
+PROG = "python -m benchmarks.static_report"
 ARCH = 90
+DEFAULT_MAX_CLASSES = 12288
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
           torch.int32: "i32", torch.uint8: "u8"}  # fmt: skip
 
@@ -346,7 +349,7 @@ def with_options(problem: BLVProblem, options: tuple[str, ...]) -> BLVProblem:
     return replace(problem, **fields)
 
 
-def config_rows(max_classes: int = 12288, options: tuple[str, ...] = ()) -> list[dict]:
+def config_rows(max_classes: int = DEFAULT_MAX_CLASSES, options: tuple[str, ...] = ()) -> list[dict]:
     """Registers and spills of the loss kernel for every configuration ``kernel_config`` gives for
     C in [1, max_classes] (with and without a partial chunk or a full main block), fp32 and bf16,
     NCHW, channels_last and rows (strided positions take more registers for their addresses),
@@ -416,8 +419,8 @@ def own_triton_cache():
                 os.environ["TRITON_CACHE_DIR"] = before
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--cases", help=f"comma-separated case names (default: all): {', '.join(CASES)}")
     parser.add_argument(
@@ -425,26 +428,36 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: registers and spills of every loss-kernel configuration for C in [1, --max-classes]",
     )
-    parser.add_argument("--max-classes", type=int, default=12288, help="with --all-configs (default 12288)")
+    parser.add_argument("--max-classes", type=at_least(1), help=f"with --all-configs (default {DEFAULT_MAX_CLASSES})")
     parser.add_argument(
-        "--options",
-        default="defaults",
-        help=f"with --all-configs: an option set, or 'every' (each in turn): {', '.join(OPTION_SETS)}",
+        "--options", help=f"with --all-configs: an option set, or 'every' (each in turn): {', '.join(OPTION_SETS)}"
     )
     args = parser.parse_args(argv)
+    # an option of the other report would be ignored: refused, so that nobody reads a report they did not ask for
+    if args.all_configs and args.cases is not None:
+        raise UsageError("--cases: not with --all-configs (it reports every configuration, not cases)")
+    if not args.all_configs:
+        given = [option for option in ("max_classes", "options") if getattr(args, option) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')}: only with --all-configs")
+    if args.options is None:
+        args.options = "defaults"
+    if args.max_classes is None:
+        args.max_classes = DEFAULT_MAX_CLASSES
     if args.options != "every" and args.options not in OPTION_SETS:
-        parser.error(f"unknown option set {args.options!r}; choose from 'every', {', '.join(OPTION_SETS)}")
-    if args.max_classes < 1:
-        parser.error(f"--max-classes must be at least 1, got {args.max_classes}")
+        raise UsageError(f"unknown option set {args.options!r}; choose from 'every', {', '.join(OPTION_SETS)}")
+    args.cases = list(CASES) if args.cases is None else names_in("cases", args.cases, CASES)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+        raise UsageError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     for tool in ("nvdisasm", "cuobjdump"):
         if sass.find_tool(tool) is None:
-            parser.error(f"{tool} not found (Triton bundles it with its NVIDIA backend)")
-    names = args.cases.split(",") if args.cases else list(CASES)
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+            raise UsageError(f"{tool} not found (Triton bundles it with its NVIDIA backend)")
+    return args
+
+
+@command(PROG)
+def main(argv=None) -> int:
+    args = parse_args(argv)
     with own_triton_cache():
         if args.all_configs:
             sets = OPTION_SETS.values() if args.options == "every" else [OPTION_SETS[args.options]]
@@ -454,7 +467,7 @@ def main(argv=None) -> int:
                 f"{r['config']} partial={r['partial_chunk']}: {r['registers']} registers, {r['spill_bytes']} B spilled"
                 for r in rows))  # fmt: skip
             return 1 if any(r["spill_bytes"] for r in rows) else 0
-        reports = [case_report(CASES[n]) for n in names]
+        reports = [case_report(CASES[n]) for n in args.cases]
     print(json.dumps(reports, indent=1) if args.json else format_report(reports))
     return 0
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from . import sass
-from .common import stamp_line
+from .common import ArgumentParser, UsageError, command, stamp_line
 from .training import table4
+
+PROG = "python -m benchmarks.summary"
 
 
 def loss_summary(data: dict) -> str:
@@ -103,16 +104,17 @@ def summarized(summarize, paths: list[Path]) -> str:
         raise SummaryError(f"{names}: incomplete or not a result file ({type(error).__name__}: {error})") from None
 
 
+@command(PROG)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__)
+    parser = ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("out", type=Path, help="the directory with loss.json and/or training.json")
     args = parser.parse_args(argv)
     if not args.out.is_dir():
-        parser.error(f"{args.out}: {'not a directory' if args.out.exists() else 'no such directory'}")
+        raise UsageError(f"{args.out}: {'not a directory' if args.out.exists() else 'no such directory'}")
     try:
         return print_summaries(args.out)
     except SummaryError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
 
 

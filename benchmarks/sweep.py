@@ -42,18 +42,24 @@ from .common import (
     IGNORE_INDEX,
     QUANTILES,
     SIGMA,
+    ArgumentParser,
+    UsageError,
     blv_backend_problem,
     budget_seconds,
     class_counts,
+    command,
     copy_bandwidth,
     environment,
     log,
+    names_in,
     out_dir_problem,
     quantiles,
     stamp_line,
     write_json,
 )
 from .loss import SHAPES, make_inputs
+
+PROG = "python -m benchmarks.sweep"
 
 # the GPU issue's cases: C = 19, 150, 171 (NCHW) and 1000 ((N, C) rows), fp32 and bf16, full size,
 # and C = 19 and 150 channels_last (contiguous classes: rows over lanes, or one a thread up to 24
@@ -319,7 +325,7 @@ def summary(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--static", action="store_true", help="static estimates of every candidate (no GPU needed)")
     parser.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument(
@@ -327,20 +333,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where sweep.json goes")
     args = parser.parse_args(argv)
-    args.cases = args.cases.split(",") if args.cases else list(CASES)
-    unknown = [n for n in args.cases if n not in CASES]
-    if unknown:
-        parser.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    args.cases = list(CASES) if args.cases is None else names_in("cases", args.cases, CASES)
     if args.static and os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("--static: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+        raise UsageError("--static: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     if not args.static and not torch.cuda.is_available():
-        parser.error("the measured sweep needs a CUDA device (on any machine: --static)")
+        raise UsageError("the measured sweep needs a CUDA device (on any machine: --static)")
     out_problem = out_dir_problem(args.out)
     if out_problem is not None:
-        parser.error(out_problem)
+        raise UsageError(out_problem)
     return args
 
 
+@command(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.static:

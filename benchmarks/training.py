@@ -30,13 +30,17 @@ from blv_kernels import BLVLoss
 from .common import (
     IGNORE_INDEX,
     SIGMA,
+    ArgumentParser,
+    UsageError,
     at_least,
     blv_backend_problem,
     budget_seconds,
     class_counts,
+    command,
     cpu_bf16_problem,
     environment,
     log,
+    names_in,
     out_dir_problem,
     quantiles,
     resolve_device,
@@ -45,6 +49,7 @@ from .common import (
     write_json,
 )
 
+PROG = "python -m benchmarks.training"
 NUM_CLASSES = 19  # Cityscapes
 # (batch, height, width): mmseg's Cityscapes setting is two 512x1024 crops per GPU.
 SIZES = {"full": (2, 512, 1024), "small": (2, 64, 128), "tiny": (1, 32, 64)}
@@ -60,7 +65,8 @@ TABLE4_HEADER = ("precision", *(label for label, _ in LOSSES.values()), "spread"
 # (rounds, iterations per round, warm-up iterations per loss) by default: a GPU run, the GPU
 # check's --quick, and the CPU's short profile (an iteration there takes about a second)
 PROFILES = {"gpu": (10, 5, 3), "quick": (6, 3, 3), "cpu": (3, 2, 1)}
-MODELS = ("auto", "deeplabv3_resnet50", "fcn_resnet50", "encdec")
+TORCHVISION_MODELS = ("deeplabv3_resnet50", "fcn_resnet50")
+MODELS = ("auto", *TORCHVISION_MODELS, "encdec")
 RESULT_FIELDS = (
     "precision", "loss", "status", "reason", "ms_per_iter", "ms_p20", "ms_p80", "overhead_pct", "rounds",
     "iters_per_round",
@@ -114,14 +120,18 @@ class EncoderDecoder(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def resolve_model(name: str) -> str:
-    if name != "auto":
-        return name
+def has_torchvision() -> bool:
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        return "encdec"
-    return "deeplabv3_resnet50"
+        return False
+    return True
+
+
+def resolve_model(name: str) -> str:
+    if name != "auto":
+        return name
+    return "deeplabv3_resnet50" if has_torchvision() else "encdec"
 
 
 def build_model(name: str) -> nn.Module:
@@ -230,7 +240,7 @@ def table4_cells(precision: str, rows: dict[str, dict]) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where training.json goes")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     parser.add_argument("--size", choices=tuple(SIZES), help="input size; default: full on a GPU, small on the CPU")
@@ -254,13 +264,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.precisions is not None:
-        args.precisions = args.precisions.split(",")
-        unknown = sorted(set(args.precisions) - set(PRECISIONS))
-        if unknown:
-            parser.error(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
+        args.precisions = names_in("precisions", args.precisions, PRECISIONS)
+    if args.model in TORCHVISION_MODELS and not has_torchvision():
+        raise UsageError(f"--model {args.model} needs torchvision: pip install torchvision (or --model encdec)")
     out_problem = out_dir_problem(args.out)
     if out_problem is not None:
-        parser.error(out_problem)
+        raise UsageError(out_problem)
     return args
 
 
@@ -288,6 +297,7 @@ def precision_problems(args, device: torch.device) -> dict[str, str | None]:
     return problems
 
 
+@command(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)

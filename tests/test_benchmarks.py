@@ -273,6 +273,37 @@ def test_training_falls_back_without_torchvision(monkeypatch):
     assert training.resolve_model("auto") == "encdec"
 
 
+@pytest.mark.parametrize("model", ["fcn_resnet50", "deeplabv3_resnet50"])
+def test_training_refuses_a_torchvision_model_without_torchvision(model, tmp_path, capsys, monkeypatch):
+    # asked for by name, it is an argument error, not a traceback after the header
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setattr(training, "resolve_device", _no_work)
+    assert training.main([*TRAINING_ARGS[:4], "--model", model, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m benchmarks.training: error: --model {model} needs torchvision: pip install torchvision "
+        "(or --model encdec)\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_checks_the_compile_backend_before_any_work(tmp_path, capsys, monkeypatch):
+    # a bad one failed every compiled case at the end of a run, after loss.json was written
+    monkeypatch.setattr(loss, "resolve_device", _no_work)
+    assert loss.main(["--compile-backend", "bogus", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "python -m benchmarks.loss: error: argument --compile-backend: unknown backend 'bogus'; known: "
+    )
+    assert {"inductor", "eager", "aot_eager"} <= set(err.rstrip("\n").rsplit("known: ", 1)[1].split(", "))
+    assert not (tmp_path / "out").exists()
+    for backend in ("inductor", "eager", "aot_eager"):  # the debug backends too: the tests compile with aot_eager
+        assert loss.parse_args(["--compile-backend", backend, "--out", str(tmp_path)]).compile_backend == backend
+
+
+def _no_work(*args):
+    raise AssertionError("the benchmark started on arguments it should have refused")
+
+
 @pytest.mark.parametrize("module, argv", [(training, TRAINING_ARGS), (loss, LOSS_ARGS)])
 @pytest.mark.parametrize(
     "out, message",
@@ -287,13 +318,8 @@ def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp
 
     monkeypatch.setattr(module, "resolve_device", work)  # the first step of a run, right after the arguments
     (tmp_path / "results.txt").write_text("keep me")
-    with pytest.raises(SystemExit) as exit_:
-        module.main([*argv, "--out", str(tmp_path / out)])
-    assert exit_.value.code == 2
-    assert (
-        capsys.readouterr().err.splitlines()[-1]
-        == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}"
-    )
+    assert module.main([*argv, "--out", str(tmp_path / out)]) == 2
+    assert capsys.readouterr().err == f"python -m {module.__name__}: error: --out {tmp_path / out}: {message}\n"
     assert (tmp_path / "results.txt").read_text() == "keep me"
 
 
@@ -304,13 +330,8 @@ def test_unusable_out_is_refused_before_any_work(module, argv, out, message, tmp
      ("-1", "must be a finite number of seconds >= 0, got -1"), ("soon", "expected a number of seconds, got 'soon'")],
 )  # fmt: skip
 def test_budget_must_be_finite_seconds(module, budget, problem, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        module.parse_args(["--budget-s", budget])
-    assert exit_.value.code == 2
-    assert (
-        capsys.readouterr().err.splitlines()[-1]
-        == f"python -m {module.__name__}: error: argument --budget-s: {problem}"
-    )
+    assert module.main(["--budget-s", budget]) == 2
+    assert capsys.readouterr().err == f"python -m {module.__name__}: error: argument --budget-s: {problem}\n"
     assert module.parse_args(["--budget-s", "0"]).budget_s == 0 and module.parse_args([]).budget_s == math.inf
 
 
@@ -322,7 +343,7 @@ def test_budget_must_be_finite_seconds(module, budget, problem, capsys):
 def test_device_errors_name_the_device_asked_for(name, available, count, problem, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-    with pytest.raises(SystemExit, match=rf"^--device {name}: {re.escape(problem)}$"):
+    with pytest.raises(common.UsageError, match=rf"^--device {name}: {re.escape(problem)}$"):
         common.resolve_device(name)
 
 
@@ -378,14 +399,9 @@ def test_summary_of_a_bad_file_is_one_line_that_names_it(name, text, problem, tm
 
 
 def test_summary_of_a_missing_directory_says_so(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        summary.main([str(tmp_path / "nope")])
-    assert exit_.value.code == 2
+    assert summary.main([str(tmp_path / "nope")]) == 2
     out, err = capsys.readouterr()
-    assert (
-        out == ""
-        and err.splitlines()[-1] == f"python -m benchmarks.summary: error: {tmp_path / 'nope'}: no such directory"
-    )
+    assert out == "" and err == f"python -m benchmarks.summary: error: {tmp_path / 'nope'}: no such directory\n"
 
 
 def test_static_estimate_beside_the_measured_time():
@@ -425,13 +441,64 @@ def test_static_estimate_beside_the_measured_time():
     assert matched[1:] == ["60.0", "0.300", "issue", "0.450", "graph", "1.50", "0.33"]
 
 
+def test_host_runs_on_one_thread_and_stamps_the_count(capsys, monkeypatch):
+    # torch's intra-op threads contend on a busy CPU: F.cross_entropy took 1000 times as long there
+    threads_seen = []
+
+    def measure(calls, device):
+        threads_seen.append(torch.get_num_threads())
+        return [("F.cross_entropy", 20.0, None, "its whole call")]
+
+    monkeypatch.setattr(host, "measure", measure)
+    with common.torch_threads(2):  # what torch takes on a machine with cores to spare
+        assert host.main([]) == 0
+        assert host.main(["--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2  # the run's threads are the run's only
+    assert threads_seen == [1, 2]
+    headers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Host time")]
+    assert [" | 1 torch thread(s) | " in headers[0], " | 2 torch thread(s) | " in headers[1]] == [True, True]
+
+
+def test_stamp_says_the_threads_and_reads_files_without_them():
+    env = common.environment(torch.device("cpu"))
+    assert env["threads"] == torch.get_num_threads()
+    assert f" | {env['threads']} torch thread(s) | torch " in common.stamp_line(env)
+    older = {k: v for k, v in env.items() if k != "threads"}  # a result file written before the field
+    assert "thread" not in common.stamp_line(older)
+
+
+# Every benchmark's command line, run as people run it. Plain argparse printed its usage first;
+CLIS = ("loss", "training", "host", "sweep", "summary", "longtail", "static_report", "cuda_static_report")
+
+
+@pytest.mark.parametrize("name", CLIS)
+def test_every_benchmark_cli_refuses_an_unknown_argument_in_one_line(name):
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--bogus"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    if name == "summary":  # (its directory is missing too, which argparse says first)
+        assert result.stderr == "python -m benchmarks.summary: error: the following arguments are required: out\n"
+    else:
+        assert result.stderr == f"python -m benchmarks.{name}: error: unrecognized arguments: --bogus\n"
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [(loss, ["--shapes", ""], "--shapes: unknown ['']"), (training, ["--precisions", ""], "--precisions: unknown ['']"),
+     (loss, ["--device", "meta"], "--device meta: the benchmarks run on cpu or cuda")],
+)  # fmt: skip
+def test_bad_arguments_are_one_line_before_any_work(module, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(module, "run_case" if module is loss else "time_precision", _no_work)
+    assert module.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"python -m {module.__name__}: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
 def test_host_on_cuda_without_a_device_is_a_one_line_error(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        host.main(["--device", "cuda"])
-    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
-        "--device cuda: no CUDA device here"
-    )
+    assert host.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "python -m benchmarks.host: error: --device cuda: no CUDA device here\n"
 
 
 def test_host_times_each_provider_and_puts_the_triton_launches_back(capsys):

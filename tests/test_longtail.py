@@ -371,6 +371,32 @@ def make_task_with_a_bad_label(seed):
     return {**make_toy_task(seed), "train_loader": DataLoader(TensorDataset(inputs, labels), batch_size=4)}
 
 
+def make_task_with_float_targets(seed):
+    inputs, labels = torch.zeros(4, 2), torch.tensor([0.9, 1.9, 0.0, 2.0])  # .long() read 0.9 as class 0
+    return {**make_toy_task(seed), "train_loader": DataLoader(TensorDataset(inputs, labels), batch_size=4)}
+
+
+def make_task_with_float_test_targets(seed):
+    inputs, labels = torch.zeros(4, 2), torch.tensor([0.0, 1.0, 2.0, 1.5])
+    return {**make_toy_task(seed), "test_loader": DataLoader(TensorDataset(inputs, labels), batch_size=4)}
+
+
+def make_task_with_an_infinite_lr(seed):
+    return {**make_toy_task(seed), "lr": float("inf")}  # it trained and printed a table
+
+
+def make_task_with_a_nan_lr(seed):
+    return {**make_toy_task(seed), "lr": float("nan")}  # a traceback from Adam
+
+
+def make_task_with_an_lr_past_float(seed):
+    return {**make_toy_task(seed), "lr": 10**400}
+
+
+def make_task_with_a_zero_lr(seed):
+    return {**make_toy_task(seed), "lr": 0}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -389,6 +415,25 @@ def make_task_with_a_bad_label(seed):
         (["--task", f"{__name__}:make_task_that_raises"], "make_task_that_raises(0) raised RuntimeError: no data"),
         (["--task", f"{__name__}:make_task_with_the_wrong_model"], "logits of shape (8, 5): expected (N, 3, ...)"),
         (["--task", f"{__name__}:make_task_with_a_bad_label"], "a target is outside [0, 3)"),
+        (
+            ["--task", f"{__name__}:make_task_with_float_targets"],
+            "the targets are torch.float32: class indices must be integers",
+        ),
+        (
+            ["--task", f"{__name__}:make_task_with_float_test_targets"],
+            "the targets are torch.float32: class indices must be integers",
+        ),
+        (["--task", f"{__name__}:make_task_with_an_infinite_lr"], "lr must be a finite number > 0, got inf"),
+        (["--task", f"{__name__}:make_task_with_a_nan_lr"], "lr must be a finite number > 0, got nan"),
+        (["--task", f"{__name__}:make_task_with_an_lr_past_float"], "lr must be a finite number > 0, got 1000"),
+        (["--task", f"{__name__}:make_task_with_a_zero_lr"], "lr must be a finite number > 0, got 0"),
+        # float() of 400 digits is inf: it ran a method "la-inf"; a sigma past BLV's bound was a traceback
+        (["--methods", "la-" + "1" * 400], f"--methods: method 'la-{'1' * 400}': TAU must be a finite number"),
+        (
+            ["--methods", "blv-abs-1" + "0" * 38],
+            f"--methods: method 'blv-abs-1{'0' * 38}': SIGMA must be a number in [0, 1e+37]",
+        ),
+        (["--methods", "shift-clamp-1" + "0" * 38], "SIGMA must be a number in [0, 1e+37]"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
@@ -397,6 +442,12 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     assert err.count("\n") == 1 and err.startswith("python -m benchmarks.longtail: error: ")
     assert message in err
     assert not (tmp_path / "out" / "longtail.json").exists()
+
+
+def test_methods_take_what_blv_takes():
+    assert longtail.parse_method("blv-clamp-1" + "0" * 37).sigma == 1e37  # blv_kernels.noise.SIGMA_MAX
+    assert longtail.parse_method("la-" + "9" * 300).tau == float("9" * 300)
+    assert longtail.parse_method("shift-abs-0").sigma == 0
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,26 @@ def test_contiguous_classes_are_read_a_few_rows_a_warp_access(step_reports):
             assert report["lines_per_element"] == pytest.approx(2 / 32, rel=0.01), report["case"]
         elif report["shape"][1] > 4 * tk.ONE_THREAD_MAX_GROUPS:
             assert report["lines_per_element"] < 0.5 and report["bound"] == "issue", report["case"]
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the report started on arguments it should have refused")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cases", ""], "--cases: unknown ['']"),  # read as every case, where loss's --shapes "" is refused
+        (["--options", "every"], "--options: only with --all-configs"),  # ignored by the case report
+        (["--max-classes", "64"], "--max-classes: only with --all-configs"),
+        (["--all-configs", "--cases", next(iter(static_report.CASES))], "--cases: not with --all-configs"),
+        (["--all-configs", "--max-classes", "0"], "argument --max-classes: must be an integer >= 1, got 0"),
+    ],
+)
+def test_arguments_the_report_would_ignore_are_refused_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(static_report, "case_report", _no_work)
+    monkeypatch.setattr(static_report, "config_rows", _no_work)
+    assert static_report.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"python -m benchmarks.static_report: error: {message}")
