@@ -367,6 +367,18 @@ def test_gpu_check_script_parses():
         assert usage.returncode == 2 and "usage" in usage.stderr
 
 
+def test_gpu_check_refuses_an_outdir_it_cannot_write_before_any_stage(tmp_path):
+    # a file where the directory should be, or a directory under it: OUT came out empty and the logs went to /
+    script = REPO_ROOT / "benchmarks" / "gpu_check.sh"
+    (tmp_path / "file").write_text("")
+    for outdir in (tmp_path / "file", tmp_path / "file" / "sub"):
+        result = subprocess.run(
+            ["bash", str(script), str(outdir), "--sweep"], capture_output=True, text=True, timeout=60
+        )
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == f"gpu_check.sh: OUTDIR {outdir} is not a writable directory\n"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sweep runs for real")
 def test_gpu_check_sweep_mode_runs_its_stages_and_reports_without_a_gpu(tmp_path):
     # the second device call's control flow, here where a mistake costs nothing: every stage runs
