@@ -118,9 +118,9 @@ def _scaled_gradient(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
             "place): backward through it once, or use backend='reference' to backward twice"
         ) from err
     if ctx.reduction == "none":
-        # an ignored position's gradient is 0 whatever its grad_output, as F.cross_entropy's: not 0 * inf = NaN
-        # (loss.sqrt() has an infinite derivative where the loss is 0)
-        # (in int64: uint8 labels compared with -100 would wrap it to 156, a class of C > 156)
+        # an ignored position's gradient is 0 whatever its grad_output, as F.cross_entropy's, not 0 * inf = NaN
+        # (loss.sqrt() has an infinite derivative where the loss is 0); the labels compared in int64, as uint8
+        # compared with -100 would wrap it to 156, a class where C > 156
         grad_loss = torch.where(target.long() != ctx.ignore_index, grad_loss, 0).unsqueeze(1)
     if type(grad) is not torch.Tensor:  # traced (torch.compile, opcheck): stay functional
         return (grad * grad_loss.float()).to(grad.dtype)
