@@ -281,7 +281,7 @@ class BLVLoss(nn.Module):
         avg_factor=None,
     ) -> torch.Tensor:
         """The loss of a batch; ``seed``, ``position_weight`` and ``avg_factor`` as in :func:`blv_cross_entropy`."""
-        self._check_logits(logits, target)
+        self._check_class_count(logits)
         options = dict(ignore_index=self.ignore_index, reduction=self.reduction, label_smoothing=self.label_smoothing,
                        position_weight=position_weight, avg_factor=avg_factor)  # fmt: skip
         if not self.training:
@@ -291,19 +291,20 @@ class BLVLoss(nn.Module):
             mode=self.mode, backend=self.backend, **options,
         )  # fmt: skip
 
-    def _check_logits(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def _check_class_count(self, logits: torch.Tensor) -> None:
         """Logits of the module's number of classes, in training and in eval(), named as the caller knows
-        them (the variation weights are the module's own)."""
-        check_logits_target(logits, target)
+        them (the variation weights are the module's own); every other check of the logits is the loss's
+        (this one skips what they refuse, not to check a step's logits twice)."""
         num_classes = self.variation_weight.numel()
-        if logits.shape[1] != num_classes:
+        if isinstance(logits, torch.Tensor) and logits.dim() >= 2 and logits.shape[1] != num_classes:
             raise ValueError(
                 f"logits have C={logits.shape[1]} classes, but this loss was built for {num_classes} (its class counts)"
             )
 
     def _plain_loss(self, logits: torch.Tensor, target: torch.Tensor, **options) -> torch.Tensor:
-        """The loss of ``eval()``: plain cross-entropy (``_check_logits`` checked the class count; the
-        variation weights' device too, as training does)."""
+        """The loss of ``eval()``: plain cross-entropy (the variation weights' device checked as training
+        checks it)."""
+        check_logits_target(logits, target)
         check_class_vector("variation weight", self.variation_weight, logits)
         return plain_cross_entropy(logits, target, self.weight, **options)
 

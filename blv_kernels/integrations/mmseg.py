@@ -38,6 +38,7 @@ from .._validation import (
     REDUCTIONS,
     check_class_vector,
     check_dense,
+    check_logits_target,
     check_options,
     check_position_weight,
     check_reduction,
@@ -133,7 +134,8 @@ class MMSegBLVLoss(BLVLoss):
         if reduction == "sum" and avg_factor is not None:
             raise ValueError('avg_factor can not be used with reduction="sum"')  # as mmseg's weight_reduce_loss
         # what is read below before the loss checks its arguments, checked as the loss would
-        self._check_logits(cls_score, label)
+        check_logits_target(cls_score, label)
+        self._check_class_count(cls_score)
         check_class_vector("class_weight", self.weight, cls_score)  # (read by the divisor below)
         check_options(ignore_index=ignore_index, label_smoothing=self.label_smoothing)
         if reduction == "mean":
